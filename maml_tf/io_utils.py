@@ -1,0 +1,50 @@
+"""Atomic file output: a result or checkpoint is either complete or absent."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+  """Yields a temporary path beside ``path``; renames it over ``path`` on
+  success and deletes it on failure, so readers never see a partial file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-",
+                             dir=directory)
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+  """Writes ``data`` to ``path`` via a temporary file and a rename."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+
+
+def atomic_replace_dir(src: str, dst: str) -> None:
+  """Moves directory ``src`` to ``dst``, replacing ``dst`` if it exists.
+
+  The old ``dst`` is first renamed aside, so at every instant either the old or
+  the new directory is complete under some name.
+  """
+  old = None
+  if os.path.exists(dst):
+    old = dst + ".old"
+    if os.path.exists(old):
+      shutil.rmtree(old)
+    os.replace(dst, old)
+  os.replace(src, dst)
+  if old is not None:
+    shutil.rmtree(old)

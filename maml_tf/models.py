@@ -1,0 +1,294 @@
+"""The networks of Finn et al. (2017), as Keras models with a functional forward.
+
+``build(name, **kwargs)`` returns a ``MetaModel``: a ``keras.Model`` whose
+variables are created at construction and whose ``forward(params, x, step)``
+evaluates the network at any weights aligned with ``model.trainable_variables``,
+vectorised over a leading task axis (see ``layers``).
+
+Architectures and initialisers follow cbfinn/maml (``maml.py``, ``utils.py``):
+
+* ``mlp_sinusoid``: 1-40-40-1 ReLU MLP, regression.
+* ``mlp_omniglot``: 784-256-128-64-64-N ReLU MLP (``--conv=False``).
+* ``conv4_omniglot``: 4 x [3x3 conv, 64 filters, stride 2 -> norm -> ReLU],
+  spatial mean, N-way head initialised N(0, 1) as in the original.
+* ``conv4_miniimagenet``: 4 x [3x3 conv, 32 filters, stride 1 -> norm -> ReLU
+  -> 2x2 max-pool], flatten (5*5*32 = 800), Glorot head.
+
+Fully connected weights are truncated normal with std 0.01, conv kernels Glorot
+uniform, biases zero. Hidden layers are ``norm(x W + b)`` followed by ReLU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from maml_tf import layers as L
+
+REGRESSION = "regression"
+CLASSIFICATION = "classification"
+
+
+class MetaModel(keras.Model):
+  """A network that can be evaluated at fast weights.
+
+  Attributes:
+    task_type: ``'regression'`` or ``'classification'``.
+    num_outputs: output width (N for N-way classification).
+    example_shape: shape of one input example, e.g. ``(28, 28, 1)``.
+    param_roles: one role per entry of ``trainable_variables`` ('weight',
+      'head' or 'norm'); algorithms use it to choose what the inner loop adapts.
+  """
+
+  def __init__(self, example_shape: Sequence[int], num_outputs: int,
+               task_type: str, **kwargs):
+    super().__init__(**kwargs)
+    self.example_shape = tuple(int(d) for d in example_shape)
+    self.num_outputs = int(num_outputs)
+    self.task_type = task_type
+
+  def _finish_build(self, functional_layers: Sequence[L.FunctionalLayer]):
+    """Records which entries of ``trainable_variables`` belong to each layer."""
+    self.built = True
+    position = {id(v): i for i, v in enumerate(self.trainable_variables)}
+    self._param_index = {}
+    roles = [None] * len(self.trainable_variables)
+    for layer in functional_layers:
+      indices = [position[id(w)] for w in layer.trainable_weights]
+      self._param_index[layer.name] = indices
+      for i, role in zip(indices, layer.roles):
+        roles[i] = role
+    assert None not in roles, "every trainable variable needs a role"
+    self.param_roles = tuple(roles)
+
+  def layer_params(self, layer: L.FunctionalLayer,
+                   params: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    return [params[i] for i in self._param_index[layer.name]]
+
+  def forward(self, params: Sequence[tf.Tensor], x: tf.Tensor, step: int = 0,
+              training: bool = True) -> tf.Tensor:
+    """Evaluates the network at the given weights.
+
+    Args:
+      params: weights aligned with ``self.trainable_variables``, each with a
+        leading task axis: ``[T, *variable.shape]``.
+      x: inputs ``[T, B, *example_shape]`` (flat ``[T, B, prod(shape)]`` is
+        accepted too, as the original fed flat vectors).
+      step: inner-loop step index, for per-step layers (MAML++).
+      training: training-mode call.
+
+    Returns:
+      ``[T, B, num_outputs]``.
+    """
+    raise NotImplementedError
+
+  def call(self, x, training=None):
+    """Plain Keras call on this model's own weights: ``[B, ...] -> [B, out]``."""
+    params = [tf.convert_to_tensor(v)[None] for v in self.trainable_variables]
+    return self.forward(params, tf.convert_to_tensor(x)[None],
+                        training=bool(training))[0]
+
+  def tile_params(self, num_tasks) -> list[tf.Tensor]:
+    """This model's variables broadcast to ``[num_tasks, *shape]``.
+
+    The gradient of the broadcast is the sum over tasks, which is how the
+    meta-gradient reaches the shared initialisation.
+    """
+    tensors = [tf.convert_to_tensor(w) for w in self.trainable_variables]
+    if isinstance(num_tasks, int):
+      return [tf.broadcast_to(v[None], [num_tasks, *v.shape]) for v in tensors]
+    return [tf.broadcast_to(v[None], tf.concat([[num_tasks], tf.shape(v)], 0))
+            for v in tensors]
+
+
+class MLP(MetaModel):
+  """Fully connected ReLU network: ``norm(xW + b) -> ReLU`` per hidden layer."""
+
+  def __init__(self, input_dim: int, hidden: Sequence[int], num_outputs: int,
+               task_type: str, norm: str = "None", seed: int | None = None,
+               dtype=None, name: str | None = None):
+    super().__init__((input_dim,), num_outputs, task_type, name=name,
+                     dtype=dtype)
+    self.hidden = tuple(hidden)
+
+    def init(i):
+      return keras.initializers.TruncatedNormal(
+          stddev=0.01, seed=None if seed is None else seed + i)
+
+    self.dense_layers = []
+    self.norm_layers = []
+    width = input_dim
+    for i, units in enumerate(self.hidden):
+      dense = L.Dense(units, kernel_initializer=init(i), name=f"w{i + 1}",
+                      dtype=dtype)
+      dense.build((None, width))
+      norm_layer = L.make_norm(norm, name=f"norm{i + 1}", dtype=dtype)
+      if norm_layer is not None:
+        norm_layer.build((None, units))
+      self.dense_layers.append(dense)
+      self.norm_layers.append(norm_layer)
+      width = units
+    self.head = L.Dense(num_outputs, kernel_initializer=init(len(self.hidden)),
+                        role=L.HEAD, name=f"w{len(self.hidden) + 1}",
+                        dtype=dtype)
+    self.head.build((None, width))
+    self._finish_build(self.dense_layers +
+                       [n for n in self.norm_layers if n is not None] +
+                       [self.head])
+
+  def forward(self, params, x, step=0, training=True):
+    h = tf.cast(x, params[0].dtype)
+    h = tf.reshape(h, [tf.shape(h)[0], tf.shape(h)[1], self.example_shape[0]])
+    for dense, norm in zip(self.dense_layers, self.norm_layers):
+      h = dense.forward(self.layer_params(dense, params), h, step, training)
+      if norm is not None:
+        h = norm.forward(self.layer_params(norm, params), h, step, training)
+      h = tf.nn.relu(h)
+    return self.head.forward(self.layer_params(self.head, params), h, step,
+                             training)
+
+
+class Conv4(MetaModel):
+  """The four-block convolutional network of the MAML paper.
+
+  Each block is ``conv3x3(+b) -> norm -> ReLU`` with stride 2 ('SAME'), or
+  stride 1 followed by a 2x2 max-pool when ``max_pool``. The features then go
+  through a spatial mean (``pooling='mean'``, the original's Omniglot net) or a
+  flatten (``'flatten'``, its MiniImagenet net) into a linear head.
+  """
+
+  def __init__(self, image_shape: Sequence[int], num_classes: int,
+               num_filters: int, max_pool: bool, pooling: str,
+               head_initializer: str, norm: str = "batch_norm",
+               seed: int | None = None, dtype=None, name: str | None = None):
+    super().__init__(image_shape, num_classes, CLASSIFICATION, name=name,
+                     dtype=dtype)
+    if pooling not in ("mean", "flatten"):
+      raise ValueError(f"pooling must be 'mean' or 'flatten', got {pooling!r}")
+    self.max_pool = max_pool
+    self.pooling = pooling
+    height, width, channels = self.example_shape
+    self.conv_layers, self.norm_layers = [], []
+    for i in range(4):
+      conv = L.Conv2D(
+          num_filters, 3, stride=1 if max_pool else 2,
+          kernel_initializer=keras.initializers.GlorotUniform(
+              seed=None if seed is None else seed + i),
+          name=f"conv{i + 1}", dtype=dtype)
+      conv.build((None, height, width, channels))
+      norm_layer = L.make_norm(norm, name=f"norm{i + 1}", dtype=dtype)
+      if norm_layer is not None:
+        norm_layer.build((None, num_filters))
+      self.conv_layers.append(conv)
+      self.norm_layers.append(norm_layer)
+      if max_pool:
+        height, width = height // 2, width // 2
+      else:
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+      channels = num_filters
+    features = num_filters if pooling == "mean" else height * width * channels
+    if head_initializer == "normal":
+      # tf.random_normal, std 1: what cbfinn/maml uses for the conv head.
+      head_init = keras.initializers.RandomNormal(
+          stddev=1.0, seed=None if seed is None else seed + 4)
+    else:
+      head_init = keras.initializers.GlorotUniform(
+          seed=None if seed is None else seed + 4)
+    self.head = L.Dense(num_classes, kernel_initializer=head_init, role=L.HEAD,
+                        name="w5", dtype=dtype)
+    self.head.build((None, features))
+    self._finish_build(self.conv_layers +
+                       [n for n in self.norm_layers if n is not None] +
+                       [self.head])
+
+  def body(self, params, x, step=0, training=True, return_blocks=False):
+    """The four conv blocks and the pooling: ``[T, B, ...] -> [T, B, F]``.
+
+    With ``return_blocks`` also returns each block's output ``[T, B, h, w, C]``
+    (for representation analysis).
+    """
+    h = tf.cast(x, params[0].dtype)
+    h = tf.reshape(h, tf.concat([tf.shape(h)[:2], self.example_shape], 0))
+    blocks = []
+    for conv, norm in zip(self.conv_layers, self.norm_layers):
+      h = conv.forward(self.layer_params(conv, params), h, step, training)
+      if norm is not None:
+        h = norm.forward(self.layer_params(norm, params), h, step, training)
+      h = tf.nn.relu(h)
+      if self.max_pool:
+        h = L.max_pool_2x2(h)
+      blocks.append(h)
+    if self.pooling == "mean":
+      h = tf.reduce_mean(h, axis=[2, 3])
+    else:
+      h = tf.reshape(h, [tf.shape(h)[0], tf.shape(h)[1], -1])
+    return (h, blocks) if return_blocks else h
+
+  def forward(self, params, x, step=0, training=True):
+    h = self.body(params, x, step, training)
+    return self.head.forward(self.layer_params(self.head, params), h, step,
+                             training)
+
+
+def _mlp_sinusoid(input_dim=1, norm="None", hidden=(40, 40), **kw):
+  return MLP(input_dim, hidden, 1, REGRESSION, norm=norm, **kw)
+
+
+def _mlp_omniglot(num_classes=5, norm="batch_norm", hidden=(256, 128, 64, 64),
+                  input_dim=784, **kw):
+  return MLP(input_dim, hidden, num_classes, CLASSIFICATION, norm=norm, **kw)
+
+
+def _conv4_omniglot(num_classes=5, norm="batch_norm", num_filters=64,
+                    max_pool=False, image_shape=(28, 28, 1), **kw):
+  return Conv4(image_shape, num_classes, num_filters, max_pool, "mean",
+               "normal", norm=norm, **kw)
+
+
+def _conv4_miniimagenet(num_classes=5, norm="batch_norm", num_filters=32,
+                        max_pool=True, image_shape=(84, 84, 3), **kw):
+  return Conv4(image_shape, num_classes, num_filters, max_pool, "flatten",
+               "glorot", norm=norm, **kw)
+
+
+_BUILDERS = {
+    "mlp_sinusoid": _mlp_sinusoid,
+    "mlp_omniglot": _mlp_omniglot,
+    "conv4_omniglot": _conv4_omniglot,
+    "conv4_miniimagenet": _conv4_miniimagenet,
+}
+
+NAMES = tuple(_BUILDERS)
+
+
+def build(name: str, **kwargs) -> MetaModel:
+  """Builds one of the paper's networks with its variables created.
+
+  Args:
+    name: one of ``NAMES``: 'mlp_sinusoid', 'mlp_omniglot', 'conv4_omniglot',
+      'conv4_miniimagenet'.
+    **kwargs: overrides: ``num_classes``, ``norm`` ('batch_norm', 'layer_norm',
+      'None'), ``num_filters``, ``max_pool``, ``image_shape``, ``hidden``,
+      ``input_dim``, ``seed`` (initialiser seed), ``dtype`` ('float32' or
+      'float64'). The sinusoid MLP defaults to ``norm='None'`` (the paper's
+      command), the others to the original flag default 'batch_norm'.
+
+  Returns:
+    A ``MetaModel``.
+
+  Example:
+    >>> model = build("conv4_omniglot", num_classes=5)
+    >>> model(np.zeros([2, 28, 28, 1], np.float32)).shape
+    TensorShape([2, 5])
+  """
+  if name not in _BUILDERS:
+    raise ValueError(f"unknown model {name!r}; expected one of {NAMES}")
+  return _BUILDERS[name](**kwargs)
+
+
+def count_params(model: keras.Model) -> int:
+  return int(sum(np.prod(v.shape) for v in model.trainable_variables))

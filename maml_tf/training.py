@@ -1,0 +1,439 @@
+"""The meta-training loop shared by every algorithm (MAML family and LEO).
+
+Only this module touches the optimiser, gradient clipping, summaries and
+checkpoints; learners just return ``(loss, metrics)``.
+
+A *learner* provides:
+
+* ``trainable_variables``;
+* ``meta_loss(batch, step, training=True) -> (loss, {name: scalar})``;
+* ``evaluate(batch) -> {name: [T] or [T, S]}`` (per-task metrics; ``[T, S]``
+  means one column per inner step);
+* optionally ``pretrain_loss(batch, step)`` (``--pretrain_iterations``) and
+  ``fallback_gradients() -> list`` (what to apply when the loss or a gradient
+  is not finite, as LEO does; without it a non-finite step is skipped).
+
+The loop compiles ``steps_per_call`` meta-steps into one XLA call (a
+``tf.while_loop`` with the optimiser inside), so small workloads such as the
+sinusoid are not bound by per-call overhead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from maml_tf import data as data_lib
+from maml_tf import evaluation
+from maml_tf.io_utils import atomic_replace_dir, atomic_write
+from maml_tf.tasks import TaskBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How to meta-train.
+
+  Attributes:
+    run_dir: where summaries, checkpoints and results go.
+    num_iterations: meta-training iterations (``--metatrain_iterations``).
+    pretrain_iterations: iterations of the pre-update-loss baseline that run
+      first (``--pretrain_iterations``).
+    meta_batch_size: tasks per meta-step (``--meta_batch_size``).
+    meta_lr: Adam learning rate (``--meta_lr``).
+    lr_schedule: 'constant', or 'cosine' annealing to ``min_meta_lr`` over the
+      run (MAML++).
+    min_meta_lr: final learning rate of the cosine schedule.
+    adam_epsilon: 1e-8, TF1's ``AdamOptimizer`` default (Keras' is 1e-7).
+    clip_value: clip every gradient element to ``[-v, v]`` (0: off). The
+      original clips MiniImagenet gradients at 10, LEO at 0.1.
+    clip_norm: then clip each gradient tensor's L2 norm (0: off; LEO: 0.1).
+    log_every: TensorBoard summary interval (the original: 100).
+    print_every: progress-line interval (the original: 100, sinusoid 1000).
+    val_every: meta-validation interval (0: never).
+    val_num_tasks: tasks per meta-validation (default: one meta-batch).
+    val_batch_size: tasks per compiled validation call.
+    save_every: checkpoint interval (the original: 1000).
+    max_to_keep: checkpoints kept (the original: 10).
+    keep_best: metric name (e.g. 'query_accuracy') whose meta-validation mean
+      (last column) selects a best checkpoint, copied atomically to
+      ``run_dir/best_checkpoint`` (LEO's protocol); None: off.
+    steps_per_call: meta-steps per compiled call.
+    jit_compile: compile with XLA.
+    resume: continue from the latest checkpoint in ``run_dir``.
+    seed: the run's seed (initialisation and learner randomness).
+    log: write TensorBoard summaries (``--log``).
+  """
+
+  run_dir: str
+  num_iterations: int
+  pretrain_iterations: int = 0
+  meta_batch_size: int = 25
+  meta_lr: float = 1e-3
+  lr_schedule: str = "constant"
+  min_meta_lr: float = 0.0
+  adam_epsilon: float = 1e-8
+  clip_value: float = 0.0
+  clip_norm: float = 0.0
+  log_every: int = 100
+  print_every: int = 100
+  val_every: int = 500
+  val_num_tasks: int | None = None
+  val_batch_size: int | None = None
+  save_every: int = 1000
+  max_to_keep: int = 10
+  keep_best: str | None = None
+  steps_per_call: int = 1
+  jit_compile: bool = True
+  resume: bool = True
+  seed: int = 0
+  log: bool = True
+
+  def __post_init__(self):
+    if self.num_iterations < 0 or self.pretrain_iterations < 0:
+      raise ValueError("iteration counts must be >= 0")
+    if self.meta_batch_size < 1:
+      raise ValueError(
+          f"--meta_batch_size must be >= 1, got {self.meta_batch_size}")
+    if self.lr_schedule not in ("constant", "cosine"):
+      raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got "
+                       f"{self.lr_schedule!r}")
+    k = self.steps_per_call
+    if k < 1:
+      raise ValueError(f"steps_per_call must be >= 1, got {k}")
+    for name in ("log_every", "print_every", "val_every", "save_every",
+                 "pretrain_iterations"):
+      value = getattr(self, name)
+      if value % k:
+        raise ValueError(f"{name}={value} must be a multiple of "
+                         f"steps_per_call={k}")
+    for name in ("log_every", "print_every", "save_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1")
+
+  @property
+  def total_iterations(self) -> int:
+    return self.pretrain_iterations + self.num_iterations
+
+
+def clip_gradients(grads: list, clip_value: float, clip_norm: float) -> list:
+  """Clips by value, then each tensor by its own L2 norm (LEO's
+  ``_clip_gradients``; the original MAML clips by value only)."""
+  if clip_value > 0:
+    grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
+  if clip_norm > 0:
+    grads = [tf.clip_by_norm(g, clip_norm) for g in grads]
+  return grads
+
+
+def all_finite(loss: tf.Tensor, grads: list) -> tf.Tensor:
+  checks = [tf.reduce_all(tf.math.is_finite(loss))]
+  checks += [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+  return tf.reduce_all(tf.stack(checks))
+
+
+def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+  lr = config.meta_lr
+  if config.lr_schedule == "cosine":
+    lr = keras.optimizers.schedules.CosineDecay(
+        config.meta_lr, max(config.total_iterations, 1),
+        alpha=config.min_meta_lr / config.meta_lr if config.meta_lr else 0.0)
+  return keras.optimizers.Adam(lr, epsilon=config.adam_epsilon)
+
+
+class Trainer:
+  """Owns the optimiser, the compiled meta-step, summaries and checkpoints.
+
+  Args:
+    learner: see the module docstring.
+    config: a ``TrainConfig``.
+  """
+
+  def __init__(self, learner, config: TrainConfig):
+    self.learner = learner
+    self.config = config
+    self.variables = list(learner.trainable_variables)
+    self.optimizer = make_optimizer(config)
+    self.optimizer.build(self.variables)
+    self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    self.nonfinite_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                       name="nonfinite_steps")
+    self.checkpoint = tf.train.Checkpoint(
+        learner=learner, optimizer=self.optimizer, step=self.step,
+        nonfinite_steps=self.nonfinite_steps)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, os.path.join(config.run_dir, "checkpoints"),
+        max_to_keep=config.max_to_keep, checkpoint_name="model")
+    self._functions: dict = {}
+    self.best_value = -math.inf
+    if config.log:
+      os.makedirs(config.run_dir, exist_ok=True)
+      self.writer = tf.summary.create_file_writer(config.run_dir)
+    else:
+      self.writer = tf.summary.create_noop_writer()
+
+  def write_text(self, tag: str, text: str) -> None:
+    """A text summary (e.g. the flags) at the current step."""
+    with self.writer.as_default():
+      tf.summary.text(tag, text, step=int(self.step.numpy()))
+
+  # ------------------------------------------------------------ compiled step
+  def _objective(self, pretrain: bool) -> Callable:
+    return self.learner.pretrain_loss if pretrain else self.learner.meta_loss
+
+  def _single_step(self, batch: TaskBatch, step, pretrain: bool):
+    objective = self._objective(pretrain)
+    with tf.GradientTape() as tape:
+      loss, metrics = objective(batch, step)
+    grads = tape.gradient(loss, self.variables,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    finite = all_finite(loss, grads)
+    fallback = getattr(self.learner, "fallback_gradients", None)
+
+    def apply(gradients):
+      gradients = clip_gradients(gradients, self.config.clip_value,
+                                 self.config.clip_norm)
+      self.optimizer.apply(gradients, self.variables)
+      return tf.constant(0)
+
+    if fallback is not None:
+      apply([tf.where(finite, g, r) for g, r in zip(grads, fallback())])
+    else:  # skip the update: Adam with zero gradients would still move
+      tf.cond(finite, lambda: apply(grads), lambda: tf.constant(0))
+    self.nonfinite_steps.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+    metrics = dict(metrics)
+    metrics["loss"] = tf.where(finite, loss, tf.zeros_like(loss))
+    return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+
+  def _block(self, block: TaskBatch, start_step, pretrain: bool):
+    """Runs the meta-steps of one block; returns per-step metrics ``[k]``."""
+    k = int(block.support_x.shape[0])
+    if k == 1:
+      metrics = self._single_step(TaskBatch(*(t[0] for t in block)),
+                                  start_step, pretrain)
+      return {n: v[None] for n, v in metrics.items()}
+    names = self._metric_names(TaskBatch(*(t[0] for t in block)), pretrain)
+
+    def body(i, arrays):
+      batch = TaskBatch(*(t[i] for t in block))
+      metrics = self._single_step(batch, start_step + tf.cast(i, tf.int64),
+                                  pretrain)
+      return i + 1, {n: arrays[n].write(i, metrics[n]) for n in names}
+
+    arrays = {n: tf.TensorArray(tf.float32, size=k) for n in names}
+    _, arrays = tf.while_loop(lambda i, _: i < k, body, (tf.constant(0), arrays))
+    return {n: a.stack() for n, a in arrays.items()}
+
+  def _metric_names(self, batch: TaskBatch, pretrain: bool) -> list[str]:
+    """Names of the objective's metrics, found by tracing it (no execution):
+    the step loop needs them to allocate its per-step outputs."""
+    key = ("names", pretrain)
+    if key not in self._functions:
+      spec = TaskBatch(*(tf.TensorSpec(t.shape, t.dtype) for t in batch))
+      fn = tf.function(
+          lambda b: self._objective(pretrain)(b, tf.constant(0, tf.int64))[1])
+      outputs = fn.get_concrete_function(spec).structured_outputs
+      self._functions[key] = sorted(list(outputs) + ["loss"])
+    return self._functions[key]
+
+  def _train_function(self, pretrain: bool) -> Callable:
+    key = ("train", pretrain)
+    if key not in self._functions:
+      self._functions[key] = tf.function(
+          lambda block, step: self._block(block, step, pretrain),
+          jit_compile=self.config.jit_compile)
+    return self._functions[key]
+
+  def _evaluate_function(self) -> Callable:
+    if "evaluate" not in self._functions:
+      self._functions["evaluate"] = tf.function(
+          self.learner.evaluate, jit_compile=self.config.jit_compile)
+    return self._functions["evaluate"]
+
+  # ---------------------------------------------------------- checkpointing
+  def restore(self, checkpoint_path: str | None = None) -> int:
+    """Restores a checkpoint (default: the latest); returns the step."""
+    path = checkpoint_path or self.manager.latest_checkpoint
+    if path:
+      self.checkpoint.restore(path).assert_existing_objects_matched()
+      logging.info("Restored %s (step %d).", path, int(self.step.numpy()))
+    return int(self.step.numpy())
+
+  def save(self) -> str:
+    path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+    logging.info("Saved checkpoint %s", path)
+    return path
+
+  def save_best(self, value: float) -> None:
+    """Copies the current weights to ``run_dir/best_checkpoint`` atomically
+    (written to a temporary directory, then renamed), with the value."""
+    best_dir = os.path.join(self.config.run_dir, "best_checkpoint")
+    tmp_dir = os.path.join(self.config.run_dir, "tmp_best_checkpoint")
+    if os.path.exists(tmp_dir):
+      shutil.rmtree(tmp_dir)
+    os.makedirs(tmp_dir)
+    step = int(self.step.numpy())
+    prefix = self.checkpoint.write(os.path.join(tmp_dir, f"model-{step}"))
+    atomic_write(os.path.join(tmp_dir, "best.json"), json.dumps(
+        {"step": step, "metric": self.config.keep_best, "value": value,
+         "checkpoint": os.path.basename(prefix)}))
+    atomic_replace_dir(tmp_dir, best_dir)
+    logging.info("New best meta-validation %s = %.4f at step %d -> %s",
+                 self.config.keep_best, value, step, best_dir)
+
+  # ------------------------------------------------------------------ loop
+  def _write_eval_summaries(self, prefix: str, results: dict, step: int):
+    for name, values in results.items():
+      values = np.asarray(values, np.float64)
+      stats = evaluation.summarize(values)
+      mean = np.atleast_1d(stats["mean"])
+      if values.ndim == 2:
+        for j, m in enumerate(mean):
+          tag = (f"{prefix}/pre_update_{name}" if j == 0 else
+                 f"{prefix}/post_update_{name}_step_{j}")
+          tf.summary.scalar(tag, m, step=step)
+      else:
+        tf.summary.scalar(f"{prefix}/{name}", mean[0], step=step)
+
+  def validate(self, val_source) -> dict:
+    """Meta-validation on tasks ``0..val_num_tasks-1`` of ``val_source``."""
+    c = self.config
+    num_tasks = c.val_num_tasks or c.meta_batch_size
+    result = evaluation.evaluate(
+        self._evaluate_function(), val_source, num_tasks,
+        c.val_batch_size or min(num_tasks, c.meta_batch_size),
+        jit_compile=None)  # already compiled
+    return result.values
+
+  def train(self, train_source, val_source=None) -> dict:
+    """Runs (or resumes) meta-training to ``total_iterations``.
+
+    Returns:
+      A dict with the final step, wall time, steps/s and first-call time.
+    """
+    c = self.config
+    os.makedirs(c.run_dir, exist_ok=True)
+    if c.resume:
+      self.restore()
+    best_file = os.path.join(c.run_dir, "best_checkpoint", "best.json")
+    if c.keep_best and os.path.exists(best_file):
+      with open(best_file) as f:  # never overwrite a better earlier best
+        self.best_value = float(json.load(f)["value"])
+    start = int(self.step.numpy())
+    total = c.total_iterations
+    writer = self.writer
+    if start >= total:
+      logging.info("Nothing to train: step %d >= %d.", start, total)
+      return {"step": start}
+    logging.info("Meta-training from step %d to %d (%d tasks/step, %d "
+                 "steps per call, XLA %s).", start, total, c.meta_batch_size,
+                 c.steps_per_call, c.jit_compile)
+    dataset = data_lib.task_dataset(train_source, c.meta_batch_size, start,
+                                    total, block=c.steps_per_call)
+    window: dict[str, list] = {}
+    first_call = None
+    wall_start = time.time()
+    window_start, window_steps = time.time(), 0
+    input_seconds = 0.0
+    last_batch = None
+    step = start
+    fetch_start = time.time()
+    for block in dataset:
+      input_seconds += time.time() - fetch_start
+      if c.steps_per_call == 1:
+        block = TaskBatch(*(t[None] for t in block))
+      pretrain = step < c.pretrain_iterations
+      call_start = time.time()
+      if first_call is None:
+        logging.info("Compiling the meta-step%s (first call)...",
+                     " with XLA" if c.jit_compile else "")
+      metrics = self._train_function(pretrain)(block, tf.constant(step,
+                                                                  tf.int64))
+      metrics = {k: v.numpy() for k, v in metrics.items()}
+      if first_call is None:
+        first_call = time.time() - call_start
+        logging.info("First meta-step call (trace + compile) took %.1f s.",
+                     first_call)
+        with writer.as_default():
+          tf.summary.scalar("metatrain/first_call_seconds", first_call,
+                            step=step)
+        window_start, window_steps, input_seconds = time.time(), 0, 0.0
+      else:
+        window_steps += len(next(iter(metrics.values())))
+      k = len(next(iter(metrics.values())))
+      step += k
+      self.step.assign(step)
+      for name, values in metrics.items():
+        window.setdefault(name, []).extend(values.tolist())
+      last_batch = TaskBatch(*(t[-1] for t in block))
+
+      if step % c.log_every == 0 or step == total:
+        elapsed = max(time.time() - window_start, 1e-9)
+        rate = window_steps / elapsed if window_steps else float("nan")
+        with writer.as_default():
+          for name, values in window.items():
+            tf.summary.scalar(f"metatrain/{name}", float(np.mean(values)),
+                              step=step)
+          if window_steps:
+            tf.summary.scalar("metatrain/steps_per_sec", rate, step=step)
+            tf.summary.scalar("metatrain/input_seconds_per_step",
+                              input_seconds / window_steps, step=step)
+          lr = self.optimizer.learning_rate
+          tf.summary.scalar("metatrain/meta_lr", float(np.asarray(lr)),
+                            step=step)
+          tf.summary.scalar("metatrain/nonfinite_steps",
+                            int(self.nonfinite_steps.numpy()), step=step)
+          if not pretrain:
+            results = self._evaluate_function()(last_batch)
+            self._write_eval_summaries("metatrain", results, step)
+        if step % c.print_every == 0 or step == total:
+          eta = (total - step) / rate if window_steps else float("nan")
+          parts = " ".join(f"{n}={np.mean(v):.4f}"
+                           for n, v in sorted(window.items()))
+          logging.info("%sstep %d/%d | %s | %.1f steps/s | ETA %s",
+                       "pretrain " if pretrain else "", step - (
+                           0 if pretrain else c.pretrain_iterations),
+                       c.pretrain_iterations if pretrain else c.num_iterations,
+                       parts, rate, _format_seconds(eta))
+        window = {}
+        window_start, window_steps, input_seconds = time.time(), 0, 0.0
+
+      if (val_source is not None and c.val_every and step % c.val_every == 0
+          and step > c.pretrain_iterations):
+        results = self.validate(val_source)
+        with writer.as_default():
+          self._write_eval_summaries("metaval", results, step)
+        summary = {n: float(np.atleast_1d(evaluation.summarize(v)["mean"])[-1])
+                   for n, v in results.items()}
+        logging.info("Validation at step %d: %s", step,
+                     " ".join(f"{n}={v:.4f}" for n, v in sorted(summary.items())))
+        if c.keep_best and summary[c.keep_best] > self.best_value:
+          self.best_value = summary[c.keep_best]
+          self.save_best(self.best_value)
+        window_start = time.time()
+      if step % c.save_every == 0 or step == total:
+        self.save()
+        window_start = time.time()
+      fetch_start = time.time()
+    writer.flush()
+    wall = time.time() - wall_start
+    return {"step": step, "seconds": wall, "first_call_seconds": first_call,
+            "nonfinite_steps": int(self.nonfinite_steps.numpy())}
+
+
+def _format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

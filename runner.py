@@ -1,0 +1,325 @@
+"""The one entry point: meta-train and evaluate MAML-family models and LEO.
+
+  python runner.py                       # LEO demo on synthetic embeddings
+  python runner.py --data_path=$EMBEDDINGS            # LEO, as deepmind/leo
+  python runner.py --model=maml --datasource=sinusoid --logdir=logs/sine \
+      --metatrain_iterations=70000 --norm=None --update_batch_size=10
+
+Every flag of cbfinn/maml's ``main.py`` and of deepmind/leo's ``config.py`` /
+``runner.py`` exists here with its original name and default. Flags are defined
+and read only in this file; everything below gets frozen config dataclasses.
+``--flagfile`` works, and each run writes its resolved flags to
+``<run dir>/flags.txt`` (a valid flagfile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+# ------------------------------------------------------------ shared flags
+flags.DEFINE_enum("model", "maml", ["maml"],
+                  "Algorithm to run.")
+flags.DEFINE_string("data_path", None,
+                    "Prepared dataset directory (see data_prep/).")
+flags.DEFINE_integer("seed", 0, "Seed for initialisation and task sampling.")
+flags.DEFINE_boolean("jit_compile", True,
+                     "Compile meta-steps with XLA (tf.function(jit_compile)).")
+flags.DEFINE_integer("num_classes", 5,
+                     "N: classes per task (N-way). [maml, leo]")
+
+# ------------------------------------------- cbfinn/maml main.py, verbatim
+flags.DEFINE_string("datasource", "sinusoid",
+                    "sinusoid or omniglot or miniimagenet")
+flags.DEFINE_string("baseline", None,
+                    "oracle, or None (sinusoid only: the input becomes "
+                    "[x, amplitude, phase]).")
+flags.DEFINE_integer("pretrain_iterations", 0,
+                     "number of pre-training iterations.")
+flags.DEFINE_integer("metatrain_iterations", 15000,
+                     "number of metatraining iterations.")
+flags.DEFINE_integer("meta_batch_size", 25,
+                     "number of tasks sampled per meta-update")
+flags.DEFINE_float("meta_lr", 0.001, "the base learning rate of the generator")
+flags.DEFINE_integer("update_batch_size", 5,
+                     "number of examples used for inner gradient update (K "
+                     "for K-shot learning).")
+flags.DEFINE_float("update_lr", 1e-3,
+                   "step size alpha for inner gradient update.")
+flags.DEFINE_integer("num_updates", 1,
+                     "number of inner gradient updates during training.")
+flags.DEFINE_string("norm", "batch_norm", "batch_norm, layer_norm, or None")
+flags.DEFINE_integer("num_filters", 64,
+                     "number of filters for conv nets -- 32 for miniimagenet, "
+                     "64 for omiglot.")
+flags.DEFINE_bool("conv", True,
+                  "whether or not to use a convolutional network, only "
+                  "applicable in some cases")
+flags.DEFINE_bool("max_pool", False,
+                  "Whether or not to use max pooling rather than strided "
+                  "convolutions")
+flags.DEFINE_bool("stop_grad", False,
+                  "if True, do not use second derivatives in meta-optimization "
+                  "(for speed)")
+flags.DEFINE_bool("log", True,
+                  "if false, do not log summaries, for debugging code.")
+flags.DEFINE_string("logdir", "/tmp/data",
+                    "directory for summaries and checkpoints.")
+flags.DEFINE_bool("resume", True,
+                  "resume training if there is a model available")
+flags.DEFINE_bool("train", True, "True to train, False to test.")
+flags.DEFINE_integer("test_iter", -1, "iteration to load model (-1 for latest "
+                     "model)")
+flags.DEFINE_bool("test_set", False,
+                  "Set to true to test on the the test set, False for the "
+                  "validation set.")
+flags.DEFINE_integer("train_update_batch_size", -1,
+                     "number of examples used for gradient update during "
+                     "training (use if you want to test with a different "
+                     "number).")
+flags.DEFINE_float("train_update_lr", -1,
+                   "value of inner gradient step step during training. (use "
+                   "if you want to test with a different value)")
+
+# ------------------------------------------------------ additions (MAML)
+flags.DEFINE_integer("test_num_updates", -1,
+                     "Inner steps at evaluation; -1: the original's rule (10).")
+flags.DEFINE_integer("num_test_tasks", 600,
+                     "Tasks in the final evaluation (the original: 600).")
+flags.DEFINE_integer("test_batch_size", 100,
+                     "Tasks per compiled evaluation call (does not change "
+                     "results).")
+flags.DEFINE_bool("test_after_train", True,
+                  "After training, evaluate on the test split and write the "
+                  "results table.")
+flags.DEFINE_integer("steps_per_call", -1,
+                     "Meta-steps per compiled call; -1: 100 for sinusoid, 1 "
+                     "otherwise.")
+flags.DEFINE_integer("summary_interval", 100,
+                     "TensorBoard summary interval (the original: 100).")
+flags.DEFINE_integer("print_interval", -1,
+                     "Progress-line interval; -1: 1000 for sinusoid, else 100.")
+flags.DEFINE_integer("val_interval", 500,
+                     "Meta-validation interval (the original: 500).")
+flags.DEFINE_integer("save_interval", 1000,
+                     "Checkpoint interval (the original: 1000).")
+flags.DEFINE_integer("max_checkpoints", 10,
+                     "Checkpoints kept (the original: 10).")
+
+
+def _float_str(value: float) -> str:
+  """Python's ``str()`` of a flag value, as the original exp_string uses."""
+  return str(value)
+
+
+def experiment_string() -> str:
+  """cbfinn/maml's run-directory name, e.g.
+  ``cls_5.mbs_25.ubs_10.numstep1.updatelr0.01nonorm``."""
+  train_ubs = (FLAGS.update_batch_size if FLAGS.train_update_batch_size == -1
+               else FLAGS.train_update_batch_size)
+  train_lr = (FLAGS.update_lr if FLAGS.train_update_lr == -1
+              else FLAGS.train_update_lr)
+  s = (f"cls_{FLAGS.num_classes}.mbs_{FLAGS.meta_batch_size}.ubs_{train_ubs}"
+       f".numstep{FLAGS.num_updates}.updatelr{_float_str(train_lr)}")
+  if FLAGS.num_filters != 64:
+    s += f"hidden{FLAGS.num_filters}"
+  if FLAGS.max_pool:
+    s += "maxpool"
+  if FLAGS.stop_grad:
+    s += "stopgrad"
+  if FLAGS.baseline:
+    s += FLAGS.baseline
+  s += {"batch_norm": "batchnorm", "layer_norm": "layernorm",
+        "None": "nonorm"}[FLAGS.norm]
+  if FLAGS.model != "maml":
+    s = f"{FLAGS.model}.{s}"
+  return s
+
+
+def save_flags(run_dir: str) -> None:
+  """Writes the resolved flags as a flagfile and as JSON, atomically."""
+  from maml_tf.io_utils import atomic_write
+  module_flags = FLAGS.get_flags_for_module(__name__)
+  values = {f.name: f.value for f in module_flags}
+  atomic_write(os.path.join(run_dir, "flags.txt"),
+               "".join(f.serialize() + "\n" for f in module_flags
+                       if f.serialize()))
+  atomic_write(os.path.join(run_dir, "flags.json"),
+               json.dumps(values, indent=1, sort_keys=True, default=str))
+
+
+def flags_markdown() -> str:
+  rows = [f"| {f.name} | {f.value} |"
+          for f in FLAGS.get_flags_for_module(__name__)]
+  return "| flag | value |\n|---|---|\n" + "\n".join(rows)
+
+
+# ------------------------------------------------------------ validation
+def _check_flags() -> None:
+  if FLAGS.norm not in ("batch_norm", "layer_norm", "None"):
+    raise app.UsageError(f"--norm={FLAGS.norm!r}: expected batch_norm, "
+                         "layer_norm or None.")
+  if FLAGS.baseline not in (None, "oracle"):
+    raise app.UsageError(f"--baseline={FLAGS.baseline!r}: expected oracle or "
+                         "unset.")
+  if FLAGS.baseline == "oracle" and FLAGS.datasource != "sinusoid":
+    raise app.UsageError("--baseline=oracle needs --datasource=sinusoid.")
+  for name in ("meta_batch_size", "update_batch_size", "num_classes",
+               "num_test_tasks", "test_batch_size"):
+    if getattr(FLAGS, name) < 1:
+      raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+  if FLAGS.num_updates < 1:
+    raise app.UsageError(f"--num_updates must be >= 1, got {FLAGS.num_updates}")
+  if FLAGS.datasource not in ("sinusoid",):
+    raise app.UsageError(f"--datasource={FLAGS.datasource!r}: expected "
+                         "sinusoid.")
+
+
+# ----------------------------------------------------------- MAML family
+def _is_sinusoid() -> bool:
+  return FLAGS.datasource == "sinusoid"
+
+
+def _test_num_updates() -> int:
+  return 10 if FLAGS.test_num_updates == -1 else FLAGS.test_num_updates
+
+
+def _train_eval_updates() -> int:
+  """Inner steps in the meta-train/meta-val summaries: the original's
+  ``test_num_updates`` while training (sinusoid 5, otherwise 10)."""
+  return max(FLAGS.num_updates, 5 if _is_sinusoid() else 10)
+
+
+def _task_sources():
+  """(train, val, test) task sources for ``--datasource``."""
+  from maml_tf import sinusoid
+  if _is_sinusoid():
+    config = sinusoid.SinusoidConfig(num_shots=FLAGS.update_batch_size,
+                                     oracle=FLAGS.baseline == "oracle",
+                                     seed=FLAGS.seed)
+    return tuple(sinusoid.SinusoidTasks(config, split)
+                 for split in ("train", "val", "test"))
+  raise app.UsageError(f"unknown --datasource={FLAGS.datasource!r}")
+
+
+def _build_model():
+  from maml_tf import models
+  if _is_sinusoid():
+    return models.build("mlp_sinusoid",
+                        input_dim=3 if FLAGS.baseline == "oracle" else 1,
+                        norm=FLAGS.norm, seed=FLAGS.seed)
+  raise app.UsageError(f"unknown --datasource={FLAGS.datasource!r}")
+
+
+def _build_learner(model):
+  import maml_tf
+  return maml_tf.MAML(model, FLAGS.update_lr, FLAGS.num_updates,
+                      first_order=FLAGS.stop_grad,
+                      num_inner_steps_eval=_train_eval_updates(),
+                      jit_compile=FLAGS.jit_compile)
+
+
+def _train_config(run_dir: str):
+  from maml_tf.training import TrainConfig
+  steps_per_call = FLAGS.steps_per_call
+  if steps_per_call == -1:
+    steps_per_call = 100 if _is_sinusoid() else 1
+  print_interval = FLAGS.print_interval
+  if print_interval == -1:
+    print_interval = 1000 if _is_sinusoid() else 100
+  return TrainConfig(
+      run_dir=run_dir,
+      num_iterations=FLAGS.metatrain_iterations,
+      pretrain_iterations=FLAGS.pretrain_iterations,
+      meta_batch_size=FLAGS.meta_batch_size,
+      meta_lr=FLAGS.meta_lr,
+      clip_value=10.0 if FLAGS.datasource == "miniimagenet" else 0.0,
+      log_every=FLAGS.summary_interval,
+      print_every=print_interval,
+      val_every=FLAGS.val_interval,
+      save_every=FLAGS.save_interval,
+      max_to_keep=FLAGS.max_checkpoints,
+      steps_per_call=steps_per_call,
+      jit_compile=FLAGS.jit_compile,
+      resume=FLAGS.resume,
+      seed=FLAGS.seed,
+      log=FLAGS.log)
+
+
+def _evaluate_and_report(learner, trainer, source, split: str) -> None:
+  """The original's ``test()``: per-step metrics over ``--num_test_tasks``
+  tasks, written as CSV/JSON/NPZ and printed as a table."""
+  from maml_tf import evaluation
+  steps = _test_num_updates()
+  logging.info("Evaluating on %d %s tasks, %d inner steps...",
+               FLAGS.num_test_tasks, split, steps)
+  result = evaluation.evaluate(
+      lambda batch: learner.evaluate(batch, num_steps=steps), source,
+      FLAGS.num_test_tasks, min(FLAGS.test_batch_size, FLAGS.num_test_tasks),
+      jit_compile=FLAGS.jit_compile)
+  result.warn_nonfinite()
+  basename = (f"{split}_ubs{FLAGS.update_batch_size}"
+              f"_stepsize{_float_str(FLAGS.update_lr)}")
+  paths = result.write(trainer.config.run_dir, basename)
+  step = int(trainer.step.numpy())
+  table = result.table()
+  print(f"\n{split} results after {step} iterations "
+        f"({FLAGS.num_test_tasks} tasks, {result.seconds:.1f} s):\n{table}\n"
+        f"written to {paths[0]}, {paths[1]}", flush=True)
+
+
+def _maml_main() -> None:
+  import tensorflow as tf
+
+  from maml_tf import training
+  _check_flags()
+  tf.random.set_seed(FLAGS.seed)
+  run_dir = os.path.join(FLAGS.logdir, experiment_string())
+  os.makedirs(run_dir, exist_ok=True)
+  train_source, val_source, test_source = _task_sources()
+  learner = _build_learner(_build_model())
+  config = _train_config(run_dir)
+  trainer = training.Trainer(learner, config)
+  if FLAGS.train:
+    save_flags(run_dir)
+    trainer.write_text("flags", flags_markdown())
+    result = trainer.train(train_source, val_source)
+    logging.info("Training done: %s", result)
+    if FLAGS.test_after_train:
+      _evaluate_and_report(learner, trainer, test_source, "test")
+    return
+  # Test mode: never silently evaluate random weights (a bug of the original).
+  if FLAGS.test_iter > 0:
+    path = os.path.join(run_dir, "checkpoints", f"model-{FLAGS.test_iter}")
+    if not tf.io.gfile.exists(path + ".index"):
+      raise app.UsageError(f"--test_iter={FLAGS.test_iter}: no checkpoint "
+                           f"{path}.")
+  else:
+    path = trainer.manager.latest_checkpoint
+    if path is None:
+      raise app.UsageError(f"--train=False: no checkpoint in {run_dir}/"
+                           "checkpoints; train first, or check --logdir and "
+                           "the flags that name the run directory.")
+  trainer.restore(path)
+  split = "test" if FLAGS.test_set else "val"
+  _evaluate_and_report(learner, trainer,
+                       test_source if FLAGS.test_set else val_source, split)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  _maml_main()
+
+
+if __name__ == "__main__":
+  app.run(main)

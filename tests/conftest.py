@@ -1,0 +1,29 @@
+"""Test configuration: quiet TF, strict autograph, markers and shared data."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("AUTOGRAPH_STRICT_CONVERSION", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+OMNIGLOT_DIR = SHARED / "data" / "omniglot"
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long runs, excluded by default "
+                          "(run with -m slow)")
+
+
+@pytest.fixture
+def omniglot_archives():
+  """The official Omniglot 'background small' archives from ../shared."""
+  if not (OMNIGLOT_DIR / "images_background_small1.zip").exists():
+    pytest.skip(f"real Omniglot archives not found in {OMNIGLOT_DIR} (they "
+                "are in ../shared/data/omniglot on CI; the same code is "
+                "tested on generated archives)")
+  return OMNIGLOT_DIR

@@ -1,0 +1,61 @@
+"""Evaluation protocol: statistics, divergence handling, outputs."""
+
+import json
+
+import numpy as np
+import tensorflow as tf
+
+from maml_tf import evaluation
+from maml_tf.sinusoid import SinusoidConfig, SinusoidTasks
+
+
+def test_summary_matches_original_ci_formula():
+  values = np.random.default_rng(0).normal(size=(600, 3))
+  s = evaluation.summarize(values)
+  np.testing.assert_allclose(s["mean"], values.mean(0))
+  np.testing.assert_allclose(s["std"], values.std(0))  # ddof 0, as the original
+  np.testing.assert_allclose(s["ci95"], 1.96 * values.std(0) / np.sqrt(600))
+  np.testing.assert_allclose(s["median"], np.median(values, 0))
+  assert not s["nonfinite"].any()
+
+
+def test_diverged_tasks_are_counted_not_silently_nan():
+  values = np.ones((10, 2))
+  values[3, 1] = np.nan
+  values[4, 1] = np.inf
+  values[5, 1] = 5.0
+  s = evaluation.summarize(values)
+  assert s["nonfinite"].tolist() == [0, 2]
+  assert np.isfinite(s["mean"]).all() and np.isfinite(s["ci95"]).all()
+  assert s["mean"][1] == 12.0 / 8  # over the 8 finite tasks
+  assert s["median"][1] == 1.0  # diverged tasks count as +inf
+  result = evaluation.EvalResult({"query_loss": values})
+  assert "[2 diverged]" in result.table()
+
+
+def test_results_written_atomically_as_csv_json_npz(tmp_path):
+  result = evaluation.EvalResult({"query_loss": np.arange(12.).reshape(6, 2),
+                                  "support_loss": np.arange(6.)})
+  paths = result.write(str(tmp_path), "test_ubs5_stepsize0.01")
+  assert [p.rsplit(".", 1)[1] for p in paths] == ["csv", "json", "npz"]
+  rows = open(paths[0]).read().splitlines()
+  assert rows[0].startswith("metric,step,mean,std,ci95,median")
+  assert rows[1].startswith("query_loss,0,5,")
+  data = json.load(open(paths[1]))
+  assert data["num_tasks"] == 6
+  assert data["metrics"]["query_loss"]["mean"] == [5.0, 6.0]
+  np.testing.assert_array_equal(np.load(paths[2])["support_loss"],
+                                np.arange(6.))
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_evaluation_independent_of_batch_size():
+  source = SinusoidTasks(SinusoidConfig(num_shots=5, seed=3), "test")
+
+  def fn(batch):
+    return {"mean_y": tf.reduce_mean(tf.abs(batch.query_y), axis=[1, 2])}
+
+  a = evaluation.evaluate(fn, source, 50, 50, jit_compile=False)
+  b = evaluation.evaluate(fn, source, 50, 7, jit_compile=False)
+  np.testing.assert_allclose(a.values["mean_y"], b.values["mean_y"],
+                             rtol=1e-6)

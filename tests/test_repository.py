@@ -1,0 +1,56 @@
+"""Repository rules: CI runs the README's command; dependencies point one way;
+flags live only in runner.py; library code logs instead of printing."""
+
+import ast
+import pathlib
+
+from tests.conftest import REPO
+
+LIBRARIES = ("maml_tf", "leo", "data_prep")
+
+
+def python_files(package):
+  return sorted((REPO / package).rglob("*.py"))
+
+
+def imports(path: pathlib.Path) -> set[str]:
+  tree = ast.parse(path.read_text())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(a.name.split(".")[0] for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names.add(node.module.split(".")[0])
+  return names
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+  ci_lines = [l for l in (REPO / ".ci" / "run").read_text().splitlines()
+              if "pytest" in l and not l.startswith("#")]
+  assert len(ci_lines) == 1
+  assert ci_lines[0].strip() in (REPO / "README.md").read_text()
+
+
+def test_dependencies_point_one_way():
+  for path in python_files("maml_tf"):
+    assert not imports(path) & {"leo", "runner", "data_prep", "benchmarks"}, path
+  for path in python_files("leo") + python_files("data_prep"):
+    assert "runner" not in imports(path) and "benchmarks" not in imports(path)
+  for path in python_files("data_prep"):
+    assert "leo" not in imports(path) or path.name.startswith("leo"), path
+
+
+def test_flags_are_defined_only_in_runner():
+  for package in LIBRARIES + ("benchmarks",):
+    for path in python_files(package):
+      text = path.read_text()
+      assert "flags.DEFINE" not in text and "FLAGS." not in text, path
+
+
+def test_library_code_does_not_print():
+  for package in ("maml_tf", "leo"):
+    for path in python_files(package):
+      tree = ast.parse(path.read_text())
+      calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+               and getattr(n.func, "id", None) == "print"]
+      assert not calls, f"{path}: use absl.logging"

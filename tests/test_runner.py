@@ -1,0 +1,74 @@
+"""The command line: the original's flags, run directories, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SINE = ["--model=maml", "--datasource=sinusoid", "--norm=None",
+        "--update_batch_size=10", "--update_lr=0.01"]
+
+
+def run(args, cwd=REPO, check=True):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run([sys.executable, "runner.py", *args], cwd=cwd,
+                        capture_output=True, text=True, env=env, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"runner failed ({proc.returncode}):\n"
+                         f"{proc.stdout}\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def test_train_test_resume_and_test_mode(tmp_path):
+  logdir = tmp_path / "logs"
+  proc = run(SINE + [f"--logdir={logdir}", "--metatrain_iterations=200",
+                     "--num_test_tasks=40", "--val_interval=100"])
+  run_dir = logdir / "cls_5.mbs_25.ubs_10.numstep1.updatelr0.01nonorm"
+  assert "test results after 200 iterations" in proc.stdout
+  assert "step |" in proc.stdout and "  10 |" in proc.stdout
+  for name in ("flags.txt", "flags.json", "test_ubs10_stepsize0.01.csv",
+               "test_ubs10_stepsize0.01.json"):
+    assert (run_dir / name).exists(), name
+  assert (run_dir / "checkpoints" / "model-200.index").exists()
+  assert "steps/s" in proc.stderr and "ETA" in proc.stderr
+  assert "First meta-step call" in proc.stderr
+  flags = json.loads((run_dir / "flags.json").read_text())
+  assert flags["metatrain_iterations"] == 200
+
+  # Resume: a longer run continues from step 200.
+  proc = run(SINE + [f"--logdir={logdir}", "--metatrain_iterations=300",
+                     "--num_test_tasks=40", "--test_after_train=False"])
+  assert "step 200" in proc.stderr and "Meta-training from step 200" in proc.stderr
+  assert (run_dir / "checkpoints" / "model-300.index").exists()
+
+  # Test mode with --test_iter loads that checkpoint; val split by default.
+  proc = run(SINE + [f"--logdir={logdir}", "--train=False", "--test_iter=200",
+                     "--num_test_tasks=40"])
+  assert "val results after 200 iterations" in proc.stdout
+  assert (run_dir / "val_ubs10_stepsize0.01.csv").exists()
+
+  # --flagfile reproduces the run directory from the saved flags.
+  proc = run([f"--flagfile={run_dir / 'flags.txt'}", "--train=False",
+              "--test_set=True", "--num_test_tasks=40"])
+  assert "test results after 300 iterations" in proc.stdout
+
+
+def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
+  proc = run(SINE + [f"--logdir={tmp_path}", "--train=False"], check=False)
+  assert proc.returncode != 0
+  assert "no checkpoint in" in proc.stderr and str(tmp_path) in proc.stderr
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--norm=batchnorm", "--norm='batchnorm'"),
+    ("--meta_batch_size=0", "--meta_batch_size must be >= 1"),
+    ("--baseline=orcle", "--baseline='orcle'"),
+])
+def test_bad_flags_are_named(tmp_path, flag, message):
+  proc = run(SINE + [f"--logdir={tmp_path}", flag], check=False)
+  assert proc.returncode != 0
+  assert message in proc.stderr

@@ -1,0 +1,131 @@
+"""The shared meta-training loop: resume, learning, safety rails."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf import evaluation, models, training
+from maml_tf.maml import MAML
+from maml_tf.sinusoid import SinusoidConfig, SinusoidTasks
+from tests import helpers
+
+
+def sine_sources(shots=10, seed=0):
+  config = SinusoidConfig(num_shots=shots, seed=seed)
+  return SinusoidTasks(config, "train"), SinusoidTasks(config, "val")
+
+
+def make_trainer(run_dir, iterations, jit=True, **kwargs):
+  model = models.build("mlp_sinusoid", seed=0)
+  learner = MAML(model, 0.01, 1, num_inner_steps_eval=2, jit_compile=jit)
+  defaults = dict(run_dir=str(run_dir), num_iterations=iterations,
+                  meta_batch_size=25, steps_per_call=10, log_every=20,
+                  print_every=20, val_every=20, save_every=20,
+                  jit_compile=jit)
+  defaults.update(kwargs)
+  return training.Trainer(learner, training.TrainConfig(**defaults))
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+  train, val = sine_sources()
+  straight = make_trainer(tmp_path / "a", 60)
+  straight.train(train, val)
+  first = make_trainer(tmp_path / "b", 40)  # "killed" after 40 steps
+  first.train(train, val)
+  resumed = make_trainer(tmp_path / "b", 60)
+  assert resumed.restore() == 40
+  resumed.train(train, val)
+  assert int(resumed.step.numpy()) == 60
+  assert int(resumed.optimizer.iterations.numpy()) == 60
+  for a, b in zip(straight.learner.trainable_variables,
+                  resumed.learner.trainable_variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  ckpts = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
+  assert "model-60.index" in ckpts and "model-40.index" in ckpts
+
+
+def test_short_sinusoid_run_learns(tmp_path):
+  train, _ = sine_sources()
+  trainer = make_trainer(tmp_path, 1500, steps_per_call=100, log_every=500,
+                         print_every=500, val_every=0, save_every=1500)
+  before = evaluation.evaluate(
+      trainer.learner.evaluate, SinusoidTasks(train.config, "test"), 200, 100)
+  trainer.train(train)
+  after = evaluation.evaluate(
+      trainer.learner.evaluate, SinusoidTasks(train.config, "test"), 200, 100)
+  pre, post = after.summary["query_loss"]["mean"][:2]
+  assert post < 0.6 * pre, (pre, post)
+  assert post < 0.7 * before.summary["query_loss"]["mean"][1]
+  events = [f for f in os.listdir(tmp_path) if f.startswith("events")]
+  assert events
+
+
+class NaNAtStep:
+  """Wraps a learner; its loss is NaN at one meta-step."""
+
+  def __init__(self, learner, bad_step):
+    self.learner = learner
+    self.bad_step = bad_step
+    self.trainable_variables = learner.trainable_variables
+    self.evaluate = learner.evaluate
+
+  def meta_loss(self, batch, step, training=True):
+    loss, metrics = self.learner.meta_loss(batch, step)
+    nan = tf.constant(np.nan, loss.dtype)
+    return tf.where(step == self.bad_step, nan, loss), metrics
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 5])
+def test_non_finite_step_is_skipped(tmp_path, steps_per_call):
+  train, _ = sine_sources()
+  trainer = make_trainer(tmp_path, 5, jit=False, steps_per_call=steps_per_call,
+                         log_every=5, print_every=5, val_every=0, save_every=5)
+  wrapped = NaNAtStep(trainer.learner, bad_step=2)
+  trainer.learner = wrapped
+  trainer.train(train)
+  assert int(trainer.nonfinite_steps.numpy()) == 1
+  assert int(trainer.optimizer.iterations.numpy()) == 4  # one update skipped
+  assert all(np.isfinite(v.numpy()).all() for v in trainer.variables)
+
+
+def test_clip_by_value_then_per_tensor_norm():
+  grads = [tf.constant([3.0, -4.0]), tf.constant([0.05])]
+  clipped = training.clip_gradients(grads, clip_value=1.0, clip_norm=0.5)
+  # [3, -4] -> [1, -1] by value -> norm sqrt(2) > 0.5 -> scaled to 0.5
+  np.testing.assert_allclose(clipped[0].numpy(),
+                             [0.5 / np.sqrt(2), -0.5 / np.sqrt(2)], rtol=1e-6)
+  np.testing.assert_allclose(clipped[1].numpy(), [0.05])
+
+
+def test_best_checkpoint_is_replaced_atomically(tmp_path):
+  trainer = make_trainer(tmp_path, 1, jit=False, keep_best="query_loss")
+  trainer.step.assign(10)
+  trainer.save_best(0.5)
+  trainer.step.assign(20)
+  trainer.save_best(0.7)
+  best = tmp_path / "best_checkpoint"
+  info = json.loads((best / "best.json").read_text())
+  assert info["step"] == 20 and info["value"] == 0.7
+  assert (best / (info["checkpoint"] + ".index")).exists()
+  assert not (tmp_path / "tmp_best_checkpoint").exists()
+  assert not (tmp_path / "best_checkpoint.old").exists()
+
+
+def test_config_rejects_misaligned_intervals(tmp_path):
+  with pytest.raises(ValueError, match="log_every=30 must be a multiple"):
+    training.TrainConfig(run_dir=str(tmp_path), num_iterations=10,
+                         steps_per_call=20, log_every=30)
+
+
+def test_cosine_schedule_reaches_min_lr(tmp_path):
+  config = training.TrainConfig(run_dir=str(tmp_path), num_iterations=100,
+                                meta_lr=1e-3, lr_schedule="cosine",
+                                min_meta_lr=1e-5)
+  opt = training.make_optimizer(config)
+  schedule = opt._learning_rate
+  assert float(schedule(0)) == pytest.approx(1e-3)
+  assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-3)
+  assert float(opt.epsilon) == 1e-8

@@ -1,0 +1,184 @@
+"""N-way K-shot classification tasks from any class-indexed array.
+
+One sampler serves every classification source: Omniglot, miniImageNet and
+Quick Draw image caches (uint8 arrays, possibly memory-mapped) and LEO's
+precomputed embeddings. A task is a pure function of (seed, split, task id)
+(see ``maml_tf.data``), so streams are reproducible and resumable.
+
+Sampling follows cbfinn/maml's ``make_data_tensor``: N distinct classes, labels
+0..N-1 in a random order, ``K + Q`` distinct examples per class (support and
+query disjoint), and for Omniglot one random multiple of 90 degrees per class
+and task, applied to all of that class's examples. LEO's ``get_instance`` is the
+same draw with a class-major layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from maml_tf.data import task_ids, task_rng
+from maml_tf.tasks import TaskBatch
+
+SHOT_MAJOR = "shot_major"  # cbfinn/maml: shot 0 of classes 0..N-1, then shot 1
+CLASS_MAJOR = "class_major"  # deepmind/leo: all shots of class 0, then class 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotConfig:
+  """An N-way K-shot task distribution.
+
+  Attributes:
+    num_classes: N (``--num_classes``).
+    num_shots: K, support examples per class (``--update_batch_size``).
+    num_query: Q, query examples per class.
+    layout: ``'shot_major'`` (the original MAML order) or ``'class_major'``.
+    rotate: rotate each class by a random multiple of 90 degrees per task
+      (cbfinn/maml's Omniglot augmentation).
+    seed: seeds the stream.
+  """
+
+  num_classes: int
+  num_shots: int
+  num_query: int
+  layout: str = SHOT_MAJOR
+  rotate: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.num_classes < 1 or self.num_shots < 1 or self.num_query < 0:
+      raise ValueError(f"invalid task shape: {self.num_classes}-way, "
+                       f"{self.num_shots}-shot, {self.num_query} queries")
+    if self.layout not in (SHOT_MAJOR, CLASS_MAJOR):
+      raise ValueError(f"layout must be {SHOT_MAJOR!r} or {CLASS_MAJOR!r}")
+
+
+class ClassDataset:
+  """Examples grouped by class.
+
+  Args:
+    examples: ``[num_examples, *example_shape]`` array (may be a memmap).
+    class_rows: for each class, the row indices of its examples.
+    class_names: one name per class (for error messages and bookkeeping).
+    name: what this dataset is (file or directory), for error messages.
+    transform: applied to every gathered batch ``[..., *example_shape]``
+      (e.g. uint8 -> float32 in [0, 1]); identity by default.
+  """
+
+  def __init__(self, examples: np.ndarray, class_rows: Sequence[np.ndarray],
+               class_names: Sequence[str], name: str = "dataset",
+               transform: Callable[[np.ndarray], np.ndarray] | None = None):
+    if len(class_rows) != len(class_names):
+      raise ValueError(f"{name}: {len(class_rows)} classes but "
+                       f"{len(class_names)} names")
+    self.examples = examples
+    self.class_rows = [np.asarray(r, np.int64) for r in class_rows]
+    self.class_names = list(class_names)
+    self.name = name
+    self.transform = transform
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_rows)
+
+  @property
+  def example_shape(self) -> tuple[int, ...]:
+    return tuple(self.examples.shape[1:])
+
+  def subset(self, classes: Sequence[int], name: str | None = None
+             ) -> "ClassDataset":
+    """The same examples restricted to some classes (a split)."""
+    return ClassDataset(self.examples, [self.class_rows[c] for c in classes],
+                        [self.class_names[c] for c in classes],
+                        name or self.name, self.transform)
+
+  def check(self, num_classes: int, per_class: int, what: str) -> None:
+    """Raises a clear error if tasks of this shape cannot be drawn."""
+    if self.num_classes < num_classes:
+      raise ValueError(
+          f"{self.name}: {self.num_classes} classes, fewer than "
+          f"--num_classes={num_classes} ({what})")
+    sizes = np.array([len(r) for r in self.class_rows])
+    if sizes.min(initial=per_class) < per_class:
+      bad = int(np.argmin(sizes))
+      raise ValueError(
+          f"{self.name}: class {self.class_names[bad]!r} has {sizes[bad]} "
+          f"examples, fewer than the {per_class} a task needs ({what})")
+
+
+class FewShotTasks:
+  """A deterministic stream of N-way K-shot task batches.
+
+  Args:
+    dataset: a ``ClassDataset`` (one split's classes).
+    config: a ``FewShotConfig``.
+    split: 'train', 'val' or 'test' (separates the random streams).
+  """
+
+  def __init__(self, dataset: ClassDataset, config: FewShotConfig,
+               split: str = "train"):
+    per_class = config.num_shots + config.num_query
+    dataset.check(config.num_classes, per_class,
+                  f"{config.num_shots} support + {config.num_query} query "
+                  f"per class, {split} split")
+    self.dataset = dataset
+    self.config = config
+    self.split = split
+
+  def sample_task(self, task_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``[N, K+Q]``, labels ``[N]`` (0..N-1) and rotations ``[N]``."""
+    c = self.config
+    rng = task_rng(c.seed, self.split, task_id)
+    classes = rng.choice(self.dataset.num_classes, c.num_classes,
+                         replace=False)
+    per_class = c.num_shots + c.num_query
+    rows = np.stack([
+        rng.choice(self.dataset.class_rows[k], per_class, replace=False)
+        for k in classes
+    ])
+    rotations = (rng.integers(0, 4, size=c.num_classes) if c.rotate else
+                 np.zeros(c.num_classes, np.int64))
+    return rows, np.arange(c.num_classes), rotations
+
+  def batch(self, index: int, num_tasks: int) -> TaskBatch:
+    """Batch ``index`` of ``num_tasks`` tasks.
+
+    Returns:
+      ``TaskBatch`` with ``support_x [T, N*K, *shape]``, ``support_y [T, N*K]``
+      int32, ``query_x [T, N*Q, *shape]``, ``query_y [T, N*Q]``, in the
+      configured layout.
+    """
+    c = self.config
+    n, k, q = c.num_classes, c.num_shots, c.num_query
+    sampled = [self.sample_task(int(t)) for t in task_ids(index, num_tasks)]
+    rows = np.stack([s[0] for s in sampled])  # [T, N, K+Q]
+    # Gather in sorted order (memmap-friendly), then restore the task order.
+    flat = rows.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    gathered = np.empty((flat.size,) + self.dataset.example_shape,
+                        self.dataset.examples.dtype)
+    gathered[order] = self.dataset.examples[flat[order]]
+    x = gathered.reshape(rows.shape + self.dataset.example_shape)
+    if c.rotate:
+      for t, (_, _, rot) in enumerate(sampled):
+        for j in range(n):
+          if rot[j]:
+            x[t, j] = np.rot90(x[t, j], rot[j], axes=(1, 2))
+    if self.dataset.transform is not None:
+      x = self.dataset.transform(x)
+    labels = np.broadcast_to(np.arange(n)[None, :, None],
+                             (num_tasks, n, k + q)).astype(np.int32)
+
+    def arrange(part_x, part_y, count):
+      if c.layout == SHOT_MAJOR:
+        part_x = np.swapaxes(part_x, 1, 2)
+        part_y = np.swapaxes(part_y, 1, 2)
+      shape = (num_tasks, n * count)
+      return (np.ascontiguousarray(part_x).reshape(shape + x.shape[3:]),
+              np.ascontiguousarray(part_y).reshape(shape))
+
+    support_x, support_y = arrange(x[:, :, :k], labels[:, :, :k], k)
+    query_x, query_y = arrange(x[:, :, k:], labels[:, :, k:], q)
+    return TaskBatch(support_x, support_y, query_x, query_y)

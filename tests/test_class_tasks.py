@@ -51,7 +51,7 @@ def test_rotation_is_per_class_and_task():
   tasks = FewShotTasks(toy_dataset(per_class=4), FewShotConfig(
       5, 2, 2, rotate=True, seed=0))
   b = tasks.batch(0, 20)
-  corners = 0
+  corners = set()
   for t in range(20):
     for label in range(5):
       imgs = np.concatenate([b.support_x[t][b.support_y[t] == label],

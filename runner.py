@@ -26,8 +26,11 @@ from absl import logging  # noqa: E402
 FLAGS = flags.FLAGS
 
 # ------------------------------------------------------------ shared flags
-flags.DEFINE_enum("model", "maml", ["maml"],
-                  "Algorithm to run.")
+flags.DEFINE_enum("model", "maml", ["leo", "maml", "anil", "metasgd", "mamlpp"],
+                  "Algorithm to run: leo (Rusu et al. 2019), maml (Finn et al. "
+                  "2017; first-order with --stop_grad), anil (Raghu et al. "
+                  "2020), metasgd (Li et al. 2017), mamlpp (Antoniou et al. "
+                  "2019).")
 flags.DEFINE_string("data_path", None,
                     "Prepared dataset directory (see data_prep/).")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation and task sampling.")
@@ -220,11 +223,15 @@ def _build_model():
 
 
 def _build_learner(model):
+  """The ``--model`` learner (MAML family) around ``model``."""
   import maml_tf
-  return maml_tf.MAML(model, FLAGS.update_lr, FLAGS.num_updates,
-                      first_order=FLAGS.stop_grad,
-                      num_inner_steps_eval=_train_eval_updates(),
-                      jit_compile=FLAGS.jit_compile)
+  if FLAGS.model == "maml":
+    return maml_tf.MAML(model, FLAGS.update_lr, FLAGS.num_updates,
+                        first_order=FLAGS.stop_grad,
+                        num_inner_steps_eval=_train_eval_updates(),
+                        jit_compile=FLAGS.jit_compile)
+  # [family] anil / metasgd / mamlpp are built here.
+  raise app.UsageError(f"--model={FLAGS.model} is not available yet.")
 
 
 def _train_config(run_dir: str):
@@ -314,11 +321,21 @@ def _maml_main() -> None:
                        test_source if FLAGS.test_set else val_source, split)
 
 
+# ------------------------------------------------------------------ LEO
+# [leo] LEO's flags (deepmind/leo config.py and runner.py) and _leo_main go
+# here.
+def _leo_main() -> None:
+  raise app.UsageError("--model=leo is not available yet.")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  _maml_main()
+  if FLAGS.model == "leo":
+    _leo_main()
+  else:
+    _maml_main()
 
 
 if __name__ == "__main__":

@@ -245,7 +245,13 @@ class Trainer:
       self._functions[key] = sorted(list(outputs) + ["loss"])
     return self._functions[key]
 
-  def _train_function(self, pretrain: bool) -> Callable:
+  def train_function(self, pretrain: bool = False) -> Callable:
+    """The compiled meta-step: ``(block, start_step) -> per-step metrics``.
+
+    ``block`` is a ``TaskBatch`` whose fields have a leading ``[k]`` axis (k
+    meta-steps per call); ``start_step`` is an int64 scalar. Each call updates
+    the variables and the optimiser. (Benchmarks call it directly.)
+    """
     key = ("train", pretrain)
     if key not in self._functions:
       self._functions[key] = tf.function(
@@ -356,7 +362,7 @@ class Trainer:
       if first_call is None:
         logging.info("Compiling the meta-step%s (first call)...",
                      " with XLA" if c.jit_compile else "")
-      metrics = self._train_function(pretrain)(block, tf.constant(step,
+      metrics = self.train_function(pretrain)(block, tf.constant(step,
                                                                   tf.int64))
       metrics = {k: v.numpy() for k, v in metrics.items()}
       if first_call is None:

@@ -129,3 +129,27 @@ def test_cosine_schedule_reaches_min_lr(tmp_path):
   assert float(schedule(0)) == pytest.approx(1e-3)
   assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-3)
   assert float(opt.epsilon) == 1e-8
+
+
+def test_pretrain_phase_optimises_the_pre_update_support_loss(tmp_path):
+  """--pretrain_iterations: the first iterations minimise the support loss at
+  theta (the original's multi-task baseline), then MAML takes over."""
+  train, _ = sine_sources()
+  trainer = make_trainer(tmp_path, 10, jit=False, pretrain_iterations=10,
+                         steps_per_call=5, log_every=5, print_every=5,
+                         val_every=0, save_every=10)
+  calls = []
+  learner = trainer.learner
+  original_pretrain, original_meta = learner.pretrain_loss, learner.meta_loss
+  learner.pretrain_loss = lambda b, s, **k: (calls.append("pre"),
+                                             original_pretrain(b, s))[1]
+  learner.meta_loss = lambda b, s, **k: (calls.append("meta"),
+                                         original_meta(b, s))[1]
+  trainer.train(train)
+  assert calls[0] == "pre" and calls[-1] == "meta"
+  assert int(trainer.optimizer.iterations.numpy()) == 20
+  batch = helpers.to_tensors(train.batch(0, 4))
+  loss, metrics = original_pretrain(batch, 0)
+  assert float(loss) == pytest.approx(float(metrics["pre_update_loss"]))
+  assert float(loss) == pytest.approx(
+      float(np.mean(learner.evaluate(batch, 0)["support_loss"])), rel=1e-5)

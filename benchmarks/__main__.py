@@ -1,0 +1,186 @@
+"""Meta-learning throughput benchmarks: ``python -m benchmarks``.
+
+For every workload x algorithm x XLA setting, a fresh process builds the
+learner and the real training step (meta-gradient + Adam, as the Trainer runs
+it) and reports:
+
+* meta-steps/s: the median of timed blocks (about 2 s each) after the first
+  call and two warm-up calls, and ms per step;
+* compile: the first call (tracing + XLA compilation);
+* peak RSS of that process;
+* input ms/step: the task sampler's time to produce one meta-batch
+  (single-threaded; training overlaps it with compute through tf.data);
+* GFLOP per step counted from XLA's optimised HLO (dots and convolutions),
+  achieved GFLOP/s, and the fraction of the peak rate a large float32 matmul
+  reaches on this machine in the same run.
+
+Results are printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _run_one(spec: dict) -> dict:
+  import numpy as np
+  import tensorflow as tf
+
+  from benchmarks import measure
+  from benchmarks import workloads as wl
+  from maml_tf import training
+  from maml_tf.tasks import TaskBatch
+
+  workload = wl.workloads(spec.get("omniglot_cache"))[spec["workload"]]
+  learner = wl.build_learner(spec["algorithm"], workload, spec["xla"])
+  config = training.TrainConfig(
+      run_dir=tempfile.mkdtemp(), num_iterations=1,
+      meta_batch_size=workload.meta_batch_size,
+      clip_value=workload.clip_value, steps_per_call=workload.steps_per_call,
+      log_every=workload.steps_per_call, print_every=workload.steps_per_call,
+      save_every=workload.steps_per_call, val_every=0,
+      jit_compile=spec["xla"], log=False, resume=False)
+  trainer = training.Trainer(learner, config)
+  source = workload.source()
+
+  # Input cost: the sampler producing meta-batches (host side).
+  start = time.perf_counter()
+  batches = [source.batch(i, workload.meta_batch_size) for i in range(8)]
+  input_ms = (time.perf_counter() - start) / len(batches) * 1e3
+
+  k = workload.steps_per_call
+  block = TaskBatch(*(tf.constant(np.stack([batches[i % len(batches)][f]
+                                            for i in range(k)]))
+                      for f in range(4)))
+  step = tf.constant(0, tf.int64)
+  fn = trainer.train_function()
+  start = time.perf_counter()
+  out = fn(block, step)
+  first_value = float(np.mean(out["loss"].numpy()))
+  compile_s = time.perf_counter() - start
+  for _ in range(2):
+    out = fn(block, step)
+  out["loss"].numpy()
+  rates = measure.timed_blocks(lambda: fn(block, step),
+                               lambda o: o["loss"].numpy(),
+                               spec["block_seconds"], spec["blocks"])
+  steps_per_s = float(np.median(rates)) * k
+  flops = measure.function_flops(fn, block, step) if spec["xla"] else None
+  return {
+      "workload": spec["workload"], "algorithm": spec["algorithm"],
+      "xla": spec["xla"], "meta_batch_size": workload.meta_batch_size,
+      "steps_per_call": k, "steps_per_s": steps_per_s,
+      "ms_per_step": 1e3 / steps_per_s,
+      "block_rates": [r * k for r in rates], "compile_s": compile_s,
+      "first_loss": first_value, "peak_rss_mb": measure.peak_rss_mb(),
+      "input_ms_per_step": input_ms,
+      "gflop_per_step": None if flops is None else flops / 1e9,
+  }
+
+
+def _format_table(rows: list[dict], peak: float) -> str:
+  header = (f"{'workload':<13} {'algorithm':<9} {'xla':<4} {'steps/s':>9} "
+            f"{'ms/step':>9} {'compile s':>9} {'RSS MB':>7} {'input ms':>8} "
+            f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>6}")
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"{r['workload']:<13} {r['algorithm']:<9} "
+                   f"{'on' if r['xla'] else 'off':<4} ERROR {r['error'][:80]}")
+      continue
+    gflop = r.get("gflop_per_step")
+    rate = gflop * r["steps_per_s"] if gflop else None
+    lines.append(
+        f"{r['workload']:<13} {r['algorithm']:<9} "
+        f"{'on' if r['xla'] else 'off':<4} {r['steps_per_s']:>9.2f} "
+        f"{r['ms_per_step']:>9.3f} {r['compile_s']:>9.1f} "
+        f"{r['peak_rss_mb']:>7.0f} {r['input_ms_per_step']:>8.2f} "
+        f"{gflop if gflop else float('nan'):>10.4f} "
+        f"{rate if rate else float('nan'):>8.1f} "
+        f"{100 * rate / peak if rate else float('nan'):>6.1f}")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workloads", default="sinusoid,omniglot,miniimagenet")
+  parser.add_argument("--algorithms", default="maml,fomaml")
+  parser.add_argument("--xla", default="on,off",
+                      help="comma list of on/off")
+  parser.add_argument("--blocks", type=int, default=5)
+  parser.add_argument("--block_seconds", type=float, default=2.0)
+  parser.add_argument("--omniglot_cache", default=None,
+                      help="a prepared Omniglot cache to sample from")
+  parser.add_argument("--out", default=None, help="JSON output path")
+  parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.one:  # child process: one configuration
+    print("RESULT " + json.dumps(_run_one(json.loads(args.one))), flush=True)
+    return
+
+  from benchmarks import measure
+  peak = measure.peak_matmul_gflops()
+  print(f"peak float32 matmul (2048^3, XLA): {peak:.1f} GFLOP/s", flush=True)
+  rows = []
+  for workload in args.workloads.split(","):
+    for algorithm in args.algorithms.split(","):
+      flops = None
+      for xla in args.xla.split(","):
+        spec = {"workload": workload, "algorithm": algorithm,
+                "xla": xla == "on", "blocks": args.blocks,
+                "block_seconds": args.block_seconds,
+                "omniglot_cache": args.omniglot_cache}
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--one", json.dumps(spec)],
+            capture_output=True, text=True)
+        result = [l for l in proc.stdout.splitlines()
+                  if l.startswith("RESULT ")]
+        if proc.returncode or not result:
+          row = dict(spec, error=(proc.stderr.strip().splitlines() or
+                                  ["failed"])[-1])
+        else:
+          row = json.loads(result[0][len("RESULT "):])
+          if row["gflop_per_step"] is None:
+            row["gflop_per_step"] = flops  # same maths as the XLA row
+          flops = row["gflop_per_step"]
+        rows.append(row)
+        print(_format_table([row], peak).splitlines()[-1], flush=True)
+  table = _format_table(rows, peak)
+  print("\n" + table)
+  out = args.out or os.path.join(
+      os.path.dirname(__file__), "results",
+      datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S") + ".json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  from maml_tf.io_utils import atomic_write
+  atomic_write(out, json.dumps({
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "machine": {"processor": _cpu_name(), "cpus": os.cpu_count(),
+                  "python": platform.python_version()},
+      "peak_matmul_gflops": peak, "rows": rows}, indent=1))
+  print(f"\nwritten to {out}")
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+if __name__ == "__main__":
+  main()

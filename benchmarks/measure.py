@@ -1,0 +1,101 @@
+"""Measurement helpers: timed blocks, FLOPs from XLA's HLO, peak FLOP rate."""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[a-z0-9]+\[([0-9,]*)\]")
+_OPERANDS = re.compile(r"\s(dot|convolution)\(%?([\w.\-]+),\s*%?([\w.\-]+)\)")
+_CONTRACT = re.compile(r"lhs_contracting_dims=\{([0-9,]*)\}")
+_LABELS = re.compile(r"dim_labels=[a-z0-9]+_([a-z0-9]+)->")
+
+
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(",") if d]
+
+
+def hlo_flops(hlo: str) -> float:
+  """Floating-point operations of the dots and convolutions in an HLO module.
+
+  A dot costs ``2 * prod(output) * prod(contracted lhs dims)``; a convolution
+  ``2 * prod(output) * prod(kernel) / output_features``. Elementwise work is
+  not counted (a few percent here), so this slightly undercounts.
+  Instructions inside a while-loop body are counted once.
+  """
+  shapes = {}
+  for line in hlo.splitlines():
+    m = _DEF.match(line)
+    if m:
+      shapes[m.group(1)] = _dims(m.group(2))
+  total = 0.0
+  for line in hlo.splitlines():
+    m, ops = _DEF.match(line), _OPERANDS.search(line)
+    if not (m and ops) or ops.group(2) not in shapes:
+      continue
+    out, lhs = _dims(m.group(2)), shapes[ops.group(2)]
+    if ops.group(1) == "dot":
+      contract = _CONTRACT.search(line)
+      contracted = np.prod([lhs[i] for i in _dims(contract.group(1))])
+      total += 2.0 * np.prod(out) * contracted
+    else:
+      kernel = shapes.get(ops.group(3))
+      labels = _LABELS.search(line)
+      if kernel is None or labels is None:
+        continue
+      total += (2.0 * np.prod(out) * np.prod(kernel) /
+                kernel[labels.group(1).index("o")])
+  return total
+
+
+def function_flops(fn: Callable, *args) -> float:
+  """FLOPs of one call of an XLA-compiled ``tf.function``."""
+  hlo = fn.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+  return hlo_flops(hlo)
+
+
+def peak_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """The FLOP rate of a large float32 matmul under XLA (the attainable peak)."""
+  a = tf.random.normal([n, n])
+  b = tf.random.normal([n, n])
+  f = tf.function(lambda x, y: x @ y, jit_compile=True)
+  f(a, b).numpy()
+  rates = []
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(repeats):
+      c = f(a, b)
+    c.numpy()
+    rates.append(2.0 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+  return float(np.median(rates))
+
+
+def timed_blocks(call: Callable[[], object], sync: Callable[[object], None],
+                 block_seconds: float = 2.0, blocks: int = 5) -> list[float]:
+  """Calls per second in ``blocks`` blocks of about ``block_seconds`` each,
+  each ending with a host sync. Call it after warm-up."""
+  start, n = time.perf_counter(), 0
+  while time.perf_counter() - start < 0.5 or n < 2:
+    out = call()
+    n += 1
+  sync(out)
+  per_call = (time.perf_counter() - start) / n
+  calls = max(1, int(block_seconds / per_call))
+  rates = []
+  for _ in range(blocks):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = call()
+    sync(out)
+    rates.append(calls / (time.perf_counter() - start))
+  return rates
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process so far (Linux: KiB units)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,5 +1,7 @@
 """data_prep.quickdraw on generated numpy bitmap files."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,6 @@ def prepare(input_dir, output, **kw):
 def fastforwardlabs(folder, seed, samples):
   """The fork's QuickDrawClassDataset.download, restated: returns
   {split: {category: drawing indices}}."""
-  import os
   classes = sorted(os.listdir(folder))
   classes = [c[:-4] for c in classes]
   rs = np.random.RandomState(seed)

@@ -41,7 +41,8 @@ flags.DEFINE_integer("num_classes", 5,
 
 # ------------------------------------------- cbfinn/maml main.py, verbatim
 flags.DEFINE_string("datasource", "sinusoid",
-                    "sinusoid or omniglot or miniimagenet")
+                    "sinusoid or omniglot or miniimagenet (or quickdraw); "
+                    "the image datasources read --data_path")
 flags.DEFINE_string("baseline", None,
                     "oracle, or None (sinusoid only: the input becomes "
                     "[x, amplitude, phase]).")
@@ -116,6 +117,19 @@ flags.DEFINE_integer("save_interval", 1000,
                      "Checkpoint interval (the original: 1000).")
 flags.DEFINE_integer("max_checkpoints", 10,
                      "Checkpoints kept (the original: 10).")
+flags.DEFINE_integer("num_query", -1,
+                     "Query examples per class while meta-training and in the "
+                     "validation during training (image datasources); -1: "
+                     "the original's rule (K; miniimagenet 15).")
+flags.DEFINE_integer("num_query_test", -1,
+                     "Query examples per class at meta-test time (image "
+                     "datasources); -1: the original's rule (K, so 1 for "
+                     "1-shot miniimagenet).")
+flags.DEFINE_enum("rotation", "auto", ["auto", "task", "classes", "none"],
+                  "90-degree rotations of image classes: task (a random "
+                  "multiple per class and task, the original's Omniglot "
+                  "augmentation, on every split), classes (each rotation is "
+                  "a new class), none; auto: task for omniglot, else none.")
 
 
 def _float_str(value: float) -> str:
@@ -181,9 +195,20 @@ def _check_flags() -> None:
       raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
   if FLAGS.num_updates < 1:
     raise app.UsageError(f"--num_updates must be >= 1, got {FLAGS.num_updates}")
-  if FLAGS.datasource not in ("sinusoid",):
+  from maml_tf import image_data
+  if FLAGS.datasource not in ("sinusoid",) + image_data.DATASOURCES:
     raise app.UsageError(f"--datasource={FLAGS.datasource!r}: expected "
-                         "sinusoid.")
+                         "sinusoid, omniglot, miniimagenet or quickdraw.")
+  if _is_sinusoid():
+    for name in ("num_query", "num_query_test"):
+      if getattr(FLAGS, name) != -1:
+        raise app.UsageError(f"--{name} applies to the image datasources, "
+                             "not sinusoid.")
+  elif not FLAGS.data_path:
+    raise app.UsageError(
+        f"--datasource={FLAGS.datasource} needs --data_path=<prepared "
+        "cache>; prepare it with: "
+        f"{image_data.PREPARE_COMMANDS[FLAGS.datasource]}")
 
 
 # ----------------------------------------------------------- MAML family
@@ -210,16 +235,40 @@ def _task_sources():
                                      seed=FLAGS.seed)
     return tuple(sinusoid.SinusoidTasks(config, split)
                  for split in ("train", "val", "test"))
-  raise app.UsageError(f"unknown --datasource={FLAGS.datasource!r}")
+  from maml_tf import image_data
+  try:
+    config = image_data.ImageTasksConfig(
+        data_path=FLAGS.data_path, datasource=FLAGS.datasource,
+        num_classes=FLAGS.num_classes, num_shots=FLAGS.update_batch_size,
+        num_query=FLAGS.num_query, num_query_test=FLAGS.num_query_test,
+        rotation=FLAGS.rotation, seed=FLAGS.seed)
+    # --train=False evaluates the val split (unless --test_set) as a
+    # meta-test: with the meta-test query size, as the original.
+    return image_data.task_sources(config, val_meta_test=not FLAGS.train)
+  except ValueError as e:  # a missing cache, or too few classes / examples
+    raise app.UsageError(str(e)) from e
 
 
 def _build_model():
+  import math
+
   from maml_tf import models
   if _is_sinusoid():
     return models.build("mlp_sinusoid",
                         input_dim=3 if FLAGS.baseline == "oracle" else 1,
                         norm=FLAGS.norm, seed=FLAGS.seed)
-  raise app.UsageError(f"unknown --datasource={FLAGS.datasource!r}")
+  from maml_tf import image_data
+  shape = tuple(image_data.read_index(FLAGS.data_path,
+                                      FLAGS.datasource)["image_shape"])
+  if not FLAGS.conv:  # the original's fully connected net, any image size
+    return models.build("mlp_omniglot", num_classes=FLAGS.num_classes,
+                        norm=FLAGS.norm, input_dim=math.prod(shape),
+                        seed=FLAGS.seed)
+  name = ("conv4_miniimagenet" if FLAGS.datasource == "miniimagenet" else
+          "conv4_omniglot")
+  return models.build(name, num_classes=FLAGS.num_classes, norm=FLAGS.norm,
+                      num_filters=FLAGS.num_filters, max_pool=FLAGS.max_pool,
+                      image_shape=shape, seed=FLAGS.seed)
 
 
 def _build_learner(model):

@@ -65,19 +65,28 @@ class ClassDataset:
     name: what this dataset is (file or directory), for error messages.
     transform: applied to every gathered batch ``[..., *example_shape]``
       (e.g. uint8 -> float32 in [0, 1]); identity by default.
+    class_rotations: for each class, a fixed number of 90-degree
+      counter-clockwise turns applied to all its examples (rotated copies of
+      a class as new classes); None: no fixed rotation.
   """
 
   def __init__(self, examples: np.ndarray, class_rows: Sequence[np.ndarray],
                class_names: Sequence[str], name: str = "dataset",
-               transform: Callable[[np.ndarray], np.ndarray] | None = None):
+               transform: Callable[[np.ndarray], np.ndarray] | None = None,
+               class_rotations: Sequence[int] | None = None):
     if len(class_rows) != len(class_names):
       raise ValueError(f"{name}: {len(class_rows)} classes but "
                        f"{len(class_names)} names")
+    if class_rotations is not None and len(class_rotations) != len(class_rows):
+      raise ValueError(f"{name}: {len(class_rows)} classes but "
+                       f"{len(class_rotations)} rotations")
     self.examples = examples
     self.class_rows = [np.asarray(r, np.int64) for r in class_rows]
     self.class_names = list(class_names)
     self.name = name
     self.transform = transform
+    self.class_rotations = (None if class_rotations is None else
+                            np.asarray(class_rotations, np.int64) % 4)
 
   @property
   def num_classes(self) -> int:
@@ -90,9 +99,33 @@ class ClassDataset:
   def subset(self, classes: Sequence[int], name: str | None = None
              ) -> "ClassDataset":
     """The same examples restricted to some classes (a split)."""
+    rotations = (None if self.class_rotations is None else
+                 self.class_rotations[list(classes)])
     return ClassDataset(self.examples, [self.class_rows[c] for c in classes],
                         [self.class_names[c] for c in classes],
-                        name or self.name, self.transform)
+                        name or self.name, self.transform, rotations)
+
+  def with_rotated_classes(self) -> "ClassDataset":
+    """Each class and its 90, 180 and 270 degree rotations as four classes.
+
+    The protocol of Santoro et al. (2016) and Vinyals et al. (2016), where
+    rotated Omniglot characters are new characters. Nothing is copied: the
+    rotation is applied when a batch is gathered.
+    """
+    shape = self.example_shape
+    if len(shape) < 2 or shape[0] != shape[1]:
+      raise ValueError(f"{self.name}: rotations need square examples, got "
+                       f"shape {shape}")
+    base = (np.zeros(self.num_classes, np.int64) if self.class_rotations is None
+            else self.class_rotations)
+    rows, names, rotations = [], [], []
+    for c in range(self.num_classes):
+      for k in range(4):
+        rows.append(self.class_rows[c])
+        names.append(f"{self.class_names[c]}/rot{90 * k}")
+        rotations.append(base[c] + k)
+    return ClassDataset(self.examples, rows, names, self.name, self.transform,
+                        rotations)
 
   def check(self, num_classes: int, per_class: int, what: str) -> None:
     """Raises a clear error if tasks of this shape cannot be drawn."""
@@ -121,8 +154,9 @@ class FewShotTasks:
                split: str = "train"):
     per_class = config.num_shots + config.num_query
     dataset.check(config.num_classes, per_class,
-                  f"{config.num_shots} support + {config.num_query} query "
-                  f"per class, {split} split")
+                  f"--update_batch_size={config.num_shots} support + "
+                  f"{config.num_query} query examples per class, {split} "
+                  "split")
     self.dataset = dataset
     self.config = config
     self.split = split
@@ -140,6 +174,8 @@ class FewShotTasks:
     ])
     rotations = (rng.integers(0, 4, size=c.num_classes) if c.rotate else
                  np.zeros(c.num_classes, np.int64))
+    if self.dataset.class_rotations is not None:
+      rotations = (rotations + self.dataset.class_rotations[classes]) % 4
     return rows, np.arange(c.num_classes), rotations
 
   def batch(self, index: int, num_tasks: int) -> TaskBatch:
@@ -161,7 +197,7 @@ class FewShotTasks:
                         self.dataset.examples.dtype)
     gathered[order] = self.dataset.examples[flat[order]]
     x = gathered.reshape(rows.shape + self.dataset.example_shape)
-    if c.rotate:
+    if c.rotate or self.dataset.class_rotations is not None:
       for t, (_, _, rot) in enumerate(sampled):
         for j in range(n):
           if rot[j]:

@@ -1,0 +1,61 @@
+"""runner.py on the image datasources: a generated Omniglot cache end to end,
+and the errors that name flags and paths."""
+
+import pytest
+
+from data_prep import omniglot
+from tests import image_files
+from tests.test_runner import run
+
+TINY = ["--model=maml", "--datasource=omniglot", "--num_filters=4",
+        "--meta_batch_size=2", "--update_batch_size=1", "--update_lr=0.4",
+        "--num_classes=5", "--num_test_tasks=4", "--test_batch_size=4",
+        "--test_num_updates=2", "--jit_compile=False", "--val_interval=10",
+        "--summary_interval=10", "--print_interval=10", "--save_interval=10"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  root = tmp_path_factory.mktemp("omniglot")
+  image_files.small_archives(root / "raw")
+  omniglot.prepare(omniglot.OmniglotPrepConfig(str(root / "raw"),
+                                               str(root / "cache")))
+  return root / "cache"
+
+
+def test_train_then_test_mode_on_a_cache(cache, tmp_path):
+  args = TINY + [f"--data_path={cache}", f"--logdir={tmp_path}"]
+  proc = run(args + ["--metatrain_iterations=20"])
+  run_dir = tmp_path / "cls_5.mbs_2.ubs_1.numstep1.updatelr0.4hidden4batchnorm"
+  assert "test results after 20 iterations (4 tasks" in proc.stdout
+  assert (run_dir / "test_ubs1_stepsize0.4.csv").exists()
+  assert "query_accuracy" in proc.stdout
+  proc = run(args + ["--train=False"])
+  assert "val results after 20 iterations" in proc.stdout
+
+
+@pytest.mark.slow  # ~30 s: another TF start-up and trace for one branch
+def test_fully_connected_net(cache, tmp_path):
+  proc = run(TINY + [f"--data_path={cache}", f"--logdir={tmp_path}",
+                     "--conv=False", "--metatrain_iterations=10"])
+  assert "test results after 10 iterations" in proc.stdout
+
+
+@pytest.mark.parametrize("extra,messages", [
+    ([], ["--datasource=omniglot needs --data_path=<prepared cache>",
+          "python -m data_prep.omniglot --input"]),
+    (["--data_path={cache}", "--num_classes=20"],
+     ["{cache} (test split): 13 classes, fewer than --num_classes=20"]),
+    (["--data_path={cache}", "--num_query=2"],
+     ["has 2 examples, fewer than the 3 a task needs (--update_batch_size=1 "
+      "support + 2 query", "--num_query=2"]),
+    (["--data_path={cache}", "--datasource=quickdraw"],
+     ["holds 'omniglot', not 'quickdraw'"]),
+    (["--datasource=imagenet"], ["--datasource='imagenet': expected"]),
+])
+def test_errors_name_flags_and_paths(cache, tmp_path, extra, messages):
+  args = TINY + [f"--logdir={tmp_path}", "--metatrain_iterations=1"]
+  proc = run(args + [a.format(cache=cache) for a in extra], check=False)
+  assert proc.returncode != 0
+  for message in messages:
+    assert message.format(cache=cache) in proc.stderr, proc.stderr[-2000:]

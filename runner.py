@@ -221,9 +221,12 @@ def _test_num_updates() -> int:
 
 
 def _train_eval_updates() -> int:
-  """Inner steps in the meta-train/meta-val summaries: the original's
-  ``test_num_updates`` while training (sinusoid 5, otherwise 10)."""
-  return max(FLAGS.num_updates, 5 if _is_sinusoid() else 10)
+  """Inner steps in the meta-train/meta-val summaries while training: the
+  original's ``max(test_num_updates, num_updates)`` with its training-time
+  ``test_num_updates`` (sinusoid 5, miniimagenet 1, omniglot 10)."""
+  during_training = {"sinusoid": 5, "miniimagenet": 1}.get(FLAGS.datasource,
+                                                           10)
+  return max(FLAGS.num_updates, during_training)
 
 
 def _task_sources():

@@ -4,10 +4,25 @@ Public API:
   TaskBatch: a typed meta-batch of tasks (leading task axis).
   MAML: second-order (or first-order) MAML, Finn et al. 2017.
   models: ``models.build(name, **kwargs)`` for the paper's networks.
+
+Attributes are imported lazily, so tools that only need the data utilities
+(e.g. ``data_prep``) do not pay for importing TensorFlow.
 """
 
-from maml_tf import models
-from maml_tf.maml import MAML
-from maml_tf.tasks import TaskBatch
+import importlib
 
-__all__ = ["MAML", "TaskBatch", "models"]
+_EXPORTS = {
+    "MAML": ("maml_tf.maml", "MAML"),
+    "TaskBatch": ("maml_tf.tasks", "TaskBatch"),
+    "models": ("maml_tf.models", None),
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'maml_tf' has no attribute {name!r}")
+  module, attribute = _EXPORTS[name]
+  value = importlib.import_module(module)
+  return value if attribute is None else getattr(value, attribute)

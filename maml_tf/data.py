@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-import tensorflow as tf
 
 from maml_tf.tasks import TaskBatch
 
@@ -76,8 +75,8 @@ def task_rng(seed: int, split: str, task_id: int) -> np.random.Generator:
 
 def task_dataset(source: TaskSource, num_tasks: int, start: int = 0,
                  stop: int | None = None, block: int = 1,
-                 parallel_calls: int = tf.data.AUTOTUNE,
-                 prefetch: int = 2) -> tf.data.Dataset:
+                 parallel_calls: int | None = None,
+                 prefetch: int = 2):
   """Batches ``start, start+1, ..., stop-1`` of ``source`` as a dataset.
 
   Args:
@@ -88,12 +87,16 @@ def task_dataset(source: TaskSource, num_tasks: int, start: int = 0,
     block: batches per element; with ``block > 1`` elements get a leading
       ``[block]`` axis (several meta-steps per compiled call). The last block
       may be shorter.
-    parallel_calls: parallel ``batch`` calls (results stay in order).
+    parallel_calls: parallel ``batch`` calls (results stay in order);
+      None: ``tf.data.AUTOTUNE``.
     prefetch: elements to prefetch.
 
   Returns:
     A ``tf.data.Dataset`` of ``TaskBatch``.
   """
+  import tensorflow as tf  # only here: data preparation needs no TF
+  if parallel_calls is None:
+    parallel_calls = tf.data.AUTOTUNE
   probe = source.batch(start, num_tasks)
   dtypes = tuple(tf.as_dtype(np.asarray(t).dtype) for t in probe)
   shapes = tuple(np.asarray(t).shape for t in probe)

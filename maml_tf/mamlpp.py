@@ -1,0 +1,456 @@
+"""MAML++ (Antoniou, Edwards & Storkey, ICLR 2019, "How to train your MAML").
+
+Paper: https://arxiv.org/abs/1810.09502. Reference code:
+AntreasAntoniou/HowToTrainYourMAMLPytorch (HTTYM), ``few_shot_learning_system.py``,
+``inner_loop_optimizers.py`` and ``meta_neural_network_architectures.py``.
+
+Every change to MAML is a switch of ``MAMLPPConfig``:
+
+* MSL, multi-step loss: while ``epoch < msl_epochs`` the meta-loss is
+  ``sum_j w_j(epoch) L_query(theta_{j+1})`` over the inner steps, with HTTYM's
+  annealed weights (``per_step_loss_weights``); afterwards only the final
+  step's query loss.
+* LSLR: a learned inner learning rate per adapted weight tensor and per step
+  (``[U]`` each, initialised to ``inner_lr``).
+* BNWB: per-step batch-norm weights and biases: each norm parameter becomes a
+  ``[U, C]`` variable and step j's forward passes use row j. Build the model
+  with ``norm_scale=True`` to have a gamma as well as beta, as HTTYM does.
+* BNRS: per-step batch-norm running statistics ``[U, C]`` (momentum 0.1).
+* DA, derivative-order annealing: first-order meta-gradients while
+  ``epoch < first_order_epochs``, second order afterwards.
+* Cosine annealing of the meta learning rate is the training loop's
+  (``TrainConfig(lr_schedule="cosine", min_meta_lr=...)``).
+
+An epoch is ``iterations_per_epoch`` meta-iterations (HTTYM: 500); schedules
+read the ``step`` argument of ``meta_loss``. Inside a compiled meta-step the
+step is a tensor, so the phases are ``tf.cond`` branches (each compiled once).
+
+Running statistics. HTTYM calls ``F.batch_norm(..., training=True)`` in every
+phase, so its running statistics are tracked but never used to normalise
+(HTTYM issues #3, #24): numerically it is transductive batch norm at
+evaluation. Here BNRS means what the paper describes: evaluation (``evaluate``,
+``adapt``, ``adapt_and_predict``, meta-validation) normalises step j's forward
+passes with step j's running statistics; meta-training always uses the
+current batch's statistics. ``bnrs=False`` reproduces HTTYM's numerics. The
+statistics are updated without assigning anything inside a gradient tape: the
+meta-loss records the (stop-gradient) batch moments of every forward pass per
+step, and the training loop calls ``update_state`` after the gradients, which
+blends their mean into the running values with the momentum (one update per
+meta-step with the mean over tasks and passes, where HTTYM updates once per
+task and pass; variances use the unbiased estimate as PyTorch does).
+
+More evaluation than training steps (HTTYM issue #28, where per-step
+parameters run out): step j >= U uses the parameters, statistics and learning
+rates of step U - 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import tensorflow as tf
+
+from maml_tf import layers as L
+from maml_tf import losses
+from maml_tf.maml import MAML, Params, num_tasks
+from maml_tf.models import CLASSIFICATION, MetaModel
+from maml_tf.tasks import TaskBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class MAMLPPConfig:
+  """The MAML++ switches (defaults: HTTYM's Omniglot 5-way 1-shot config).
+
+  Attributes:
+    multi_step_loss: MSL (``--mamlpp_msl``).
+    msl_epochs: epochs during which MSL is used (``--mamlpp_msl_epochs``;
+      HTTYM ``multi_step_loss_num_epochs`` = 10).
+    learned_step_sizes: LSLR (``--mamlpp_lslr``).
+    per_step_norm_weights: BNWB (``--mamlpp_bnwb``).
+    per_step_running_stats: BNRS (``--mamlpp_bnrs``).
+    bn_momentum: running-statistics momentum (HTTYM: 0.1).
+    first_order_epochs: DA: first order before this epoch
+      (``--mamlpp_first_order_epochs``; HTTYM's
+      ``first_order_to_second_order_epoch`` = N - 1; its Omniglot configs use
+      -1, i.e. 0 here, the paper's text 50).
+    iterations_per_epoch: meta-iterations per epoch
+      (``--mamlpp_iterations_per_epoch``; HTTYM ``total_iter_per_epoch``).
+  """
+
+  multi_step_loss: bool = True
+  msl_epochs: int = 10
+  learned_step_sizes: bool = True
+  per_step_norm_weights: bool = True
+  per_step_running_stats: bool = True
+  bn_momentum: float = 0.1
+  first_order_epochs: int = 0
+  iterations_per_epoch: int = 500
+
+  def __post_init__(self):
+    if self.msl_epochs < 0:
+      raise ValueError(f"--mamlpp_msl_epochs must be >= 0, got "
+                       f"{self.msl_epochs}")
+    if self.first_order_epochs < 0:
+      raise ValueError(f"--mamlpp_first_order_epochs must be >= 0, got "
+                       f"{self.first_order_epochs}")
+    if self.iterations_per_epoch < 1:
+      raise ValueError(f"--mamlpp_iterations_per_epoch must be >= 1, got "
+                       f"{self.iterations_per_epoch}")
+    if not 0.0 < self.bn_momentum <= 1.0:
+      raise ValueError(f"bn_momentum must be in (0, 1], got "
+                       f"{self.bn_momentum}")
+
+
+def per_step_loss_weights(num_steps: int, msl_epochs: int, epoch,
+                          dtype=tf.float32) -> tf.Tensor:
+  """HTTYM's ``get_per_step_loss_importance_vector`` as a tensor ``[U]``.
+
+  At epoch 0 every step weighs 1/U; each epoch moves 1/(U * msl_epochs) of
+  weight from every non-final step to the final one, with non-final weights
+  floored at 0.03/U and the final one capped at ``1 - (U-1) 0.03/U``.
+
+  Args:
+    num_steps: U.
+    msl_epochs: epochs of the annealing (> 0).
+    epoch: current epoch (int or scalar tensor).
+    dtype: float dtype of the result.
+  """
+  u = float(num_steps)
+  decay = 1.0 / u / max(msl_epochs, 1)
+  floor = 0.03 / u
+  e = tf.cast(epoch, dtype)
+  non_final = tf.maximum(1.0 / u - e * decay, floor)
+  final = tf.minimum(1.0 / u + e * (u - 1.0) * decay, 1.0 - (u - 1.0) * floor)
+  return tf.concat([tf.fill([num_steps - 1], non_final), final[None]], 0)
+
+
+class _Scratch:
+  """Trace-time bookkeeping kept out of ``tf.Module`` attribute tracking."""
+
+  def __init__(self):
+    self.recording = None  # dict while a meta-loss records statistics
+    self.pending = None  # statistics of the last meta-loss, for update_state
+
+
+def _select(pred, true_fn, false_fn):
+  """``true_fn() if pred else false_fn()`` for a bool or a bool tensor."""
+  if isinstance(pred, bool):
+    return true_fn() if pred else false_fn()
+  return tf.cond(pred, true_fn, false_fn)
+
+
+class MAMLPlusPlus(MAML):
+  """MAML with the MAML++ training tricks.
+
+  Args:
+    model: a ``MetaModel`` (``norm_scale=True`` for HTTYM's per-step gamma).
+    inner_lr: the inner step size (LSLR's initial value; HTTYM 0.1).
+    num_inner_steps: U (HTTYM: 5); per-step parameters have U rows.
+    first_order: always first order (overrides DA).
+    config: a ``MAMLPPConfig``.
+    loss_scaling: 'mean' (HTTYM's ``F.cross_entropy``) or 'original'.
+    **kwargs: other ``MAML`` options.
+
+  Example:
+    >>> model = models.build("conv4_omniglot", norm_scale=True)
+    >>> learner = MAMLPlusPlus(model, inner_lr=0.1, num_inner_steps=5)
+    >>> loss, metrics = learner.meta_loss(batch, step=tf.constant(0))
+  """
+
+  def __init__(self, model: MetaModel, inner_lr: float, num_inner_steps: int,
+               first_order: bool = False, *,
+               config: MAMLPPConfig = MAMLPPConfig(),
+               loss_scaling: str = "mean", **kwargs):
+    if num_inner_steps < 1:
+      raise ValueError(f"MAML++ needs num_inner_steps >= 1, got "
+                       f"{num_inner_steps}")
+    super().__init__(model, inner_lr, num_inner_steps, first_order,
+                     loss_scaling=loss_scaling, **kwargs)
+    self.config = config
+    roles = model.param_roles
+    if config.per_step_norm_weights and L.NORM in self.adapted_roles:
+      raise ValueError("per-step norm weights (BNWB) are meta-learned only; "
+                       "do not adapt role 'norm' with them.")
+    u = self.num_inner_steps
+    variables = model.trainable_variables
+    self.step_sizes = [
+        tf.Variable(tf.fill([u], tf.constant(inner_lr, v.dtype)),
+                    name=f"lslr_{i}")
+        for i, v in enumerate(variables) if self.adapted_mask[i]
+    ] if config.learned_step_sizes else []
+    self._norm_index = ([i for i, r in enumerate(roles) if r == L.NORM]
+                        if config.per_step_norm_weights else [])
+    self.norm_weights = [
+        tf.Variable(tf.tile(tf.convert_to_tensor(variables[i])[None],
+                            [u] + [1] * len(variables[i].shape)),
+                    name=f"bnwb_{i}") for i in self._norm_index
+    ]
+    batch_norms = ([l for l in model.layers if isinstance(l, L.BatchNorm)]
+                   if config.per_step_running_stats else [])
+    dtype = variables[0].dtype
+    self.running_means = [
+        tf.Variable(tf.zeros([u, l.beta.shape[-1] if l.center else
+                              l.gamma.shape[-1]], dtype), trainable=False,
+                    name=f"running_mean_{l.name}") for l in batch_norms]
+    self.running_vars = [
+        tf.Variable(tf.ones_like(m), trainable=False,
+                    name=f"running_var_{l.name}")
+        for l, m in zip(batch_norms, self.running_means)]
+    self._bn_names = tuple(l.name for l in batch_norms)
+    # Evaluation normalises with the running statistics when they exist.
+    self.eval_training = not batch_norms
+    self._scratch = _Scratch()
+
+  # ---------------------------------------------------------------- variables
+  @property
+  def trainable_variables(self) -> list:
+    """The model's variables (less the norm parameters that BNWB replaces by
+    per-step copies), then LSLR rates, then per-step norm parameters."""
+    replaced = set(self._norm_index)
+    own = [v for i, v in enumerate(self.model.trainable_variables)
+           if i not in replaced]
+    return own + self.extra_variables
+
+  @property
+  def extra_variables(self) -> list:
+    return list(self.step_sizes) + list(self.norm_weights)
+
+  def step_index(self, step: int) -> int:
+    """Row of per-step parameters for inner step ``step`` (clamped, #28)."""
+    return min(int(step), self.num_inner_steps - 1)
+
+  def inner_learning_rates(self, step: int) -> list:
+    if not self.step_sizes:
+      return super().inner_learning_rates(step)
+    rates = iter(self.step_sizes)
+    s = self.step_index(step)
+    return [next(rates)[s] if a else None for a in self.adapted_mask]
+
+  # ---------------------------------------------------------------- schedules
+  def epoch(self, step):
+    """``step // iterations_per_epoch``; step None counts as 0."""
+    if step is None:
+      return 0
+    if isinstance(step, int):
+      return step // self.config.iterations_per_epoch
+    return tf.cast(step, tf.int64) // self.config.iterations_per_epoch
+
+  def uses_first_order(self, step):
+    """DA: bool (or bool tensor) whether ``step`` is in the first-order phase."""
+    if self.first_order:
+      return True
+    if self.config.first_order_epochs == 0:
+      return False
+    return self.epoch(step) < self.config.first_order_epochs
+
+  def uses_multi_step_loss(self, step):
+    """MSL: bool (or bool tensor) whether ``step`` uses the weighted loss."""
+    if not self.config.multi_step_loss or self.config.msl_epochs == 0:
+      return False
+    epoch = self.epoch(step)
+    return epoch < self.config.msl_epochs
+
+  def loss_weights(self, step, dtype=tf.float32) -> tf.Tensor:
+    """MSL's per-step weights ``[U]`` at ``step``."""
+    return per_step_loss_weights(self.num_inner_steps, self.config.msl_epochs,
+                                 self.epoch(step), dtype)
+
+  # ---------------------------------------------------------------- network
+  def _statistics(self, training: bool, layer, step, mean, variance, count):
+    """``layers.batch_norm_statistics`` hook (BNRS): records the batch moments
+    while a meta-loss is traced, normalises with the running statistics in
+    evaluation mode, and leaves the batch moments otherwise."""
+    if layer.name not in self._bn_names:
+      return mean, variance
+    k, s = self._bn_names.index(layer.name), self.step_index(step)
+    recording = self._scratch.recording
+    if recording is not None:
+      count = tf.cast(count, mean.dtype)
+      unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+      axes = list(range(len(mean.shape) - 1))
+      recording.setdefault((k, s), []).append(
+          (tf.stop_gradient(tf.reduce_mean(mean, axes)),
+           tf.stop_gradient(tf.reduce_mean(unbiased, axes))))
+    if training:
+      return mean, variance
+    shape = [1] * (len(mean.shape) - 1) + [-1]
+    return (tf.reshape(tf.cast(self.running_means[k][s], mean.dtype), shape),
+            tf.reshape(tf.cast(self.running_vars[k][s], mean.dtype), shape))
+
+  def forward(self, params: Params, x: tf.Tensor, step: int,
+              training: bool) -> tf.Tensor:
+    """The network with step ``step``'s norm parameters and statistics."""
+    if self.norm_weights:
+      params = list(params)
+      s = self.step_index(step)
+      for i, weights in zip(self._norm_index, self.norm_weights):
+        params[i] = tf.broadcast_to(weights[s][None], tf.shape(params[i]))
+    if not self._bn_names:
+      return self.model.forward(params, x, step, training)
+    with L.batch_norm_statistics(functools.partial(self._statistics,
+                                                   training)):
+      return self.model.forward(params, x, step, training)
+
+  # ------------------------------------------------------------- objective
+  def _query_loss(self, fast: Params, query, batch: TaskBatch, step: int,
+                  shots: int, training: bool):
+    outputs = self.forward(fast, query, step, training)
+    return tf.reduce_mean(self.task_loss(outputs, batch.query_y, shots)), outputs
+
+  def _guarded_query_loss(self, msl, fast: Params, query, batch: TaskBatch,
+                          step: int, shots: int, training: bool):
+    """A non-final step's query loss, computed only in the MSL phase.
+
+    Inside ``tf.cond`` the statistics recorded by the forward pass cannot be
+    left in the branch graph, so they are branch outputs, with weight 0 in
+    the branch that skips the pass.
+    """
+    outer = self._scratch.recording
+
+    def compute():
+      self._scratch.recording = {} if outer is not None else None
+      try:
+        loss, _ = self._query_loss(fast, query, batch, step, shots, training)
+        recorded = self._scratch.recording or {}
+      finally:
+        self._scratch.recording = outer
+      stats = [recorded[(k, s)][0][:2] for (k, s) in sorted(recorded)]
+      return loss, stats, tf.constant(1.0, loss.dtype)
+
+    def skip():
+      loss = tf.zeros([], self.model.trainable_variables[0].dtype)
+      stats = ([(tf.zeros_like(m[0]), tf.zeros_like(m[0]))
+                for m in self.running_means] if outer is not None else [])
+      return loss, stats, tf.constant(0.0, loss.dtype)
+
+    loss, stats, weight = _select(msl, compute, skip)
+    if outer is not None:
+      s = self.step_index(step)
+      for k, (mean, variance) in enumerate(stats):
+        outer.setdefault((k, s), []).append((mean, variance, weight))
+    return loss
+
+  def _objective(self, batch: TaskBatch, msl, weights: tf.Tensor,
+                 first_order: bool, training: bool):
+    """Query loss: the final step's, or MSL's weighted sum while ``msl``.
+
+    Args:
+      batch: a ``TaskBatch``.
+      msl: bool or bool tensor: use the weighted multi-step loss.
+      weights: MSL's per-step weights ``[U]``.
+      first_order: derivative order of this objective (a Python bool).
+      training: training-mode forward passes (and statistics recording).
+
+    Returns:
+      ``(loss, metrics, statistics)``; statistics are per BN layer
+      ``(mean_sum [U, C], var_sum [U, C], count [U])`` of the recorded batch
+      moments (empty without BNRS or when not training).
+    """
+    u = self.num_inner_steps
+    self._scratch.recording = {} if (training and self._bn_names) else None
+    try:
+      params = self.initial_fast_weights(num_tasks(batch.support_x))
+      shots = self.shots(batch)
+      trajectory, support_losses = self.adapt_encoded(
+          params, self.encode(params, batch.support_x, training),
+          batch.support_y, shots, u, training, first_order)
+      query = self.encode(params, batch.query_x, training)
+      final_loss, outputs = self._query_loss(trajectory[u], query, batch,
+                                             u - 1, shots, training)
+      step_losses = [final_loss]
+      if msl is not False:
+        step_losses = [
+            self._guarded_query_loss(msl, trajectory[j + 1], query, batch, j,
+                                     shots, training) for j in range(u - 1)
+        ] + step_losses
+      recording = self._scratch.recording
+    finally:
+      self._scratch.recording = None
+    if msl is False:
+      loss = final_loss
+    else:
+      weighted = tf.reduce_sum(tf.cast(weights, final_loss.dtype) *
+                               tf.stack(step_losses))
+      loss = weighted if msl is True else tf.where(msl, weighted, final_loss)
+    final_weight = tf.cast(weights[-1], tf.float32)
+    metrics = {
+        "post_update_loss": final_loss,
+        "pre_update_loss": tf.reduce_mean(support_losses[0]),
+        "first_order": tf.constant(float(first_order)),
+        "final_step_weight": (tf.constant(1.0) if msl is False else
+                              final_weight if msl is True else
+                              tf.where(msl, final_weight, 1.0)),
+    }
+    if self.model.task_type == CLASSIFICATION:
+      metrics["post_update_accuracy"] = tf.reduce_mean(
+          losses.accuracy(outputs, batch.query_y))
+    return loss, metrics, self._summarise(recording or {})
+
+  def _summarise(self, recording: dict) -> list:
+    """Per BN layer ``(mean_sum [U, C], var_sum [U, C], count [U])``: fixed
+    shapes, so both branches of a ``tf.cond`` return the same structure."""
+    summary = []
+    for k, running in enumerate(self.running_means):
+      dtype = running.dtype
+      zero = tf.zeros(running.shape[-1:], dtype)
+      sums, squares, counts = [], [], []
+      for s in range(self.num_inner_steps):
+        entries = [e if len(e) == 3 else (*e, 1.0)
+                   for e in recording.get((k, s), [])]
+        sums.append(tf.add_n([tf.cast(w, dtype) * tf.cast(m, dtype)
+                              for m, _, w in entries]) if entries else zero)
+        squares.append(tf.add_n([tf.cast(w, dtype) * tf.cast(v, dtype)
+                                 for _, v, w in entries]) if entries else zero)
+        counts.append(tf.add_n([tf.cast(w, dtype) for _, _, w in entries])
+                      if entries else tf.zeros([], dtype))
+      summary.append((tf.stack(sums), tf.stack(squares), tf.stack(counts)))
+    return summary
+
+  def meta_loss(self, batch: TaskBatch, step=None, training: bool = True):
+    """MAML++'s objective at meta-iteration ``step``.
+
+    Args:
+      batch: a ``TaskBatch``.
+      step: global meta-iteration (int, scalar tensor or None = 0); selects
+        the MSL weights and the derivative order.
+      training: training-mode forward passes (and statistics recording).
+
+    Returns:
+      ``(loss, metrics)``; metrics add ``first_order`` (1 in the first-order
+      phase) and ``final_step_weight`` (MSL's weight of the last step).
+    """
+    first_order = self.uses_first_order(step)
+    msl = self.uses_multi_step_loss(step) if training else False
+    if tf.executing_eagerly():
+      first_order, msl = bool(first_order), bool(msl)
+    weights = self.loss_weights(step, self.model.trainable_variables[0].dtype)
+    # The derivative order changes the whole graph: two branches, each
+    # compiled once (only when derivative-order annealing is on).
+    loss, metrics, statistics = _select(
+        first_order,
+        lambda: self._objective(batch, msl, weights, True, training),
+        lambda: self._objective(batch, msl, weights, False, training))
+    self._scratch.pending = (statistics if (training and self._bn_names)
+                             else None)
+    return loss, metrics
+
+  def pretrain_loss(self, batch: TaskBatch, step=None, training: bool = True):
+    self._scratch.pending = None
+    return super().pretrain_loss(batch, step, training)
+
+  def update_state(self, finite=True) -> None:
+    """Blends the last meta-loss's batch statistics into the per-step running
+    statistics (BNRS). The training loop calls it after the gradients."""
+    pending, self._scratch.pending = self._scratch.pending, None
+    if not pending:
+      return
+    m = self.config.bn_momentum
+    for (sums, squares, counts), means, variances in zip(
+        pending, self.running_means, self.running_vars):
+      seen = (counts > 0)[:, None] & tf.cast(finite, tf.bool)
+      denominator = tf.maximum(counts, 1.0)[:, None]
+      means.assign(tf.where(seen, (1 - m) * means + m * sums / denominator,
+                            means))
+      variances.assign(tf.where(
+          seen, (1 - m) * variances + m * squares / denominator, variances))

@@ -117,7 +117,7 @@ flags.DEFINE_integer("save_interval", 1000,
 flags.DEFINE_integer("max_checkpoints", 10,
                      "Checkpoints kept (the original: 10).")
 
-# ------------------------------------------- MAML family (anil, metasgd, mamlpp)
+# ------------------------------------------ MAML family (anil, metasgd, mamlpp)
 flags.DEFINE_bool("anil_cache_features", True,
                   "[anil] Run the body once per task and set and only the "
                   "head in the inner loop (same results, faster).")
@@ -274,8 +274,9 @@ def _metasgd_init_range() -> tuple[float, float]:
   try:
     low, high = (float(v) for v in FLAGS.metasgd_init_range)
   except ValueError:
-    raise app.UsageError(f"--metasgd_init_range={','.join(FLAGS.metasgd_init_range)}"
-                         ": expected two numbers 'low,high'.") from None
+    value = ",".join(FLAGS.metasgd_init_range)
+    raise app.UsageError(f"--metasgd_init_range={value}: expected two numbers "
+                         "'low,high'.") from None
   return low, high
 
 

@@ -146,7 +146,8 @@ class MetaEstimator:
     Returns:
       ``(mean, ci95)`` with ``ci95 = 1.96 std / sqrt(num_tasks)``.
     """
-    steps = self.learner.num_inner_steps_eval if num_steps is None else num_steps
+    steps = (self.learner.num_inner_steps_eval if num_steps is None
+             else num_steps)
     name = ("query_accuracy" if self.learner.model.task_type == CLASSIFICATION
             else "query_loss")
     result = evaluation.evaluate(

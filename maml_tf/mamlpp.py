@@ -25,19 +25,14 @@ An epoch is ``iterations_per_epoch`` meta-iterations (HTTYM: 500); schedules
 read the ``step`` argument of ``meta_loss``. Inside a compiled meta-step the
 step is a tensor, so the phases are ``tf.cond`` branches (each compiled once).
 
-Running statistics. HTTYM calls ``F.batch_norm(..., training=True)`` in every
-phase, so its running statistics are tracked but never used to normalise
-(HTTYM issues #3, #24): numerically it is transductive batch norm at
-evaluation. Here BNRS means what the paper describes: evaluation (``evaluate``,
-``adapt``, ``adapt_and_predict``, meta-validation) normalises step j's forward
-passes with step j's running statistics; meta-training always uses the
-current batch's statistics. ``bnrs=False`` reproduces HTTYM's numerics. The
-statistics are updated without assigning anything inside a gradient tape: the
-meta-loss records the (stop-gradient) batch moments of every forward pass per
-step, and the training loop calls ``update_state`` after the gradients, which
-blends their mean into the running values with the momentum (one update per
-meta-step with the mean over tasks and passes, where HTTYM updates once per
-task and pass; variances use the unbiased estimate as PyTorch does).
+Running statistics (BNRS). HTTYM normalises with ``training=True`` in every
+phase, so its per-step running statistics never affect results (HTTYM issues
+#3, #24). Here evaluation (``evaluate``, ``adapt_and_predict``,
+meta-validation) normalises step j with step j's running statistics, as the
+paper describes; meta-training uses the current batch's statistics, and
+``per_step_running_stats=False`` reproduces HTTYM's numerics. The statistics
+are recorded while the meta-loss runs and assigned by ``update_state``, which
+the training loop calls after the gradients (``maml_tf.step_statistics``).
 
 More evaluation than training steps (HTTYM issue #28, where per-step
 parameters run out): step j >= U uses the parameters, statistics and learning
@@ -46,8 +41,8 @@ rates of step U - 1.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 
 import tensorflow as tf
 
@@ -55,6 +50,7 @@ from maml_tf import layers as L
 from maml_tf import losses
 from maml_tf.maml import MAML, Params, num_tasks
 from maml_tf.models import CLASSIFICATION, MetaModel
+from maml_tf.step_statistics import StepStatistics, select
 from maml_tf.tasks import TaskBatch
 
 
@@ -129,15 +125,7 @@ class _Scratch:
   """Trace-time bookkeeping kept out of ``tf.Module`` attribute tracking."""
 
   def __init__(self):
-    self.recording = None  # dict while a meta-loss records statistics
     self.pending = None  # statistics of the last meta-loss, for update_state
-
-
-def _select(pred, true_fn, false_fn):
-  """``true_fn() if pred else false_fn()`` for a bool or a bool tensor."""
-  if isinstance(pred, bool):
-    return true_fn() if pred else false_fn()
-  return tf.cond(pred, true_fn, false_fn)
 
 
 class MAMLPlusPlus(MAML):
@@ -186,20 +174,12 @@ class MAMLPlusPlus(MAML):
                             [u] + [1] * len(variables[i].shape)),
                     name=f"bnwb_{i}") for i in self._norm_index
     ]
-    batch_norms = ([l for l in model.layers if isinstance(l, L.BatchNorm)]
-                   if config.per_step_running_stats else [])
-    dtype = variables[0].dtype
-    self.running_means = [
-        tf.Variable(tf.zeros([u, l.beta.shape[-1] if l.center else
-                              l.gamma.shape[-1]], dtype), trainable=False,
-                    name=f"running_mean_{l.name}") for l in batch_norms]
-    self.running_vars = [
-        tf.Variable(tf.ones_like(m), trainable=False,
-                    name=f"running_var_{l.name}")
-        for l, m in zip(batch_norms, self.running_means)]
-    self._bn_names = tuple(l.name for l in batch_norms)
+    self.statistics = (StepStatistics(model, u, config.bn_momentum)
+                       if config.per_step_running_stats else None)
+    if self.statistics is not None and not self.statistics.num_layers:
+      self.statistics = None  # no batch norm in the model
     # Evaluation normalises with the running statistics when they exist.
-    self.eval_training = not batch_norms
+    self.eval_training = self.statistics is None
     self._scratch = _Scratch()
 
   # ---------------------------------------------------------------- variables
@@ -237,7 +217,7 @@ class MAMLPlusPlus(MAML):
     return tf.cast(step, tf.int64) // self.config.iterations_per_epoch
 
   def uses_first_order(self, step):
-    """DA: bool (or bool tensor) whether ``step`` is in the first-order phase."""
+    """DA: whether ``step`` is in the first-order phase (bool or tensor)."""
     if self.first_order:
       return True
     if self.config.first_order_epochs == 0:
@@ -257,27 +237,6 @@ class MAMLPlusPlus(MAML):
                                  self.epoch(step), dtype)
 
   # ---------------------------------------------------------------- network
-  def _statistics(self, training: bool, layer, step, mean, variance, count):
-    """``layers.batch_norm_statistics`` hook (BNRS): records the batch moments
-    while a meta-loss is traced, normalises with the running statistics in
-    evaluation mode, and leaves the batch moments otherwise."""
-    if layer.name not in self._bn_names:
-      return mean, variance
-    k, s = self._bn_names.index(layer.name), self.step_index(step)
-    recording = self._scratch.recording
-    if recording is not None:
-      count = tf.cast(count, mean.dtype)
-      unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
-      axes = list(range(len(mean.shape) - 1))
-      recording.setdefault((k, s), []).append(
-          (tf.stop_gradient(tf.reduce_mean(mean, axes)),
-           tf.stop_gradient(tf.reduce_mean(unbiased, axes))))
-    if training:
-      return mean, variance
-    shape = [1] * (len(mean.shape) - 1) + [-1]
-    return (tf.reshape(tf.cast(self.running_means[k][s], mean.dtype), shape),
-            tf.reshape(tf.cast(self.running_vars[k][s], mean.dtype), shape))
-
   def forward(self, params: Params, x: tf.Tensor, step: int,
               training: bool) -> tf.Tensor:
     """The network with step ``step``'s norm parameters and statistics."""
@@ -286,50 +245,30 @@ class MAMLPlusPlus(MAML):
       s = self.step_index(step)
       for i, weights in zip(self._norm_index, self.norm_weights):
         params[i] = tf.broadcast_to(weights[s][None], tf.shape(params[i]))
-    if not self._bn_names:
+    if self.statistics is None:
       return self.model.forward(params, x, step, training)
-    with L.batch_norm_statistics(functools.partial(self._statistics,
-                                                   training)):
+    with L.batch_norm_statistics(self.statistics.hook(training)):
       return self.model.forward(params, x, step, training)
 
   # ------------------------------------------------------------- objective
   def _query_loss(self, fast: Params, query, batch: TaskBatch, step: int,
                   shots: int, training: bool):
     outputs = self.forward(fast, query, step, training)
-    return tf.reduce_mean(self.task_loss(outputs, batch.query_y, shots)), outputs
+    loss = tf.reduce_mean(self.task_loss(outputs, batch.query_y, shots))
+    return loss, outputs
 
   def _guarded_query_loss(self, msl, fast: Params, query, batch: TaskBatch,
                           step: int, shots: int, training: bool):
-    """A non-final step's query loss, computed only in the MSL phase.
-
-    Inside ``tf.cond`` the statistics recorded by the forward pass cannot be
-    left in the branch graph, so they are branch outputs, with weight 0 in
-    the branch that skips the pass.
-    """
-    outer = self._scratch.recording
-
+    """A non-final step's query loss, computed only in the MSL phase."""
     def compute():
-      self._scratch.recording = {} if outer is not None else None
-      try:
-        loss, _ = self._query_loss(fast, query, batch, step, shots, training)
-        recorded = self._scratch.recording or {}
-      finally:
-        self._scratch.recording = outer
-      stats = [recorded[(k, s)][0][:2] for (k, s) in sorted(recorded)]
-      return loss, stats, tf.constant(1.0, loss.dtype)
+      return self._query_loss(fast, query, batch, step, shots, training)[0]
 
     def skip():
-      loss = tf.zeros([], self.model.trainable_variables[0].dtype)
-      stats = ([(tf.zeros_like(m[0]), tf.zeros_like(m[0]))
-                for m in self.running_means] if outer is not None else [])
-      return loss, stats, tf.constant(0.0, loss.dtype)
+      return tf.zeros([], self.model.trainable_variables[0].dtype)
 
-    loss, stats, weight = _select(msl, compute, skip)
-    if outer is not None:
-      s = self.step_index(step)
-      for k, (mean, variance) in enumerate(stats):
-        outer.setdefault((k, s), []).append((mean, variance, weight))
-    return loss
+    if self.statistics is None:
+      return select(msl, compute, skip)
+    return self.statistics.select(msl, compute, skip, step)
 
   def _objective(self, batch: TaskBatch, msl, weights: tf.Tensor,
                  first_order: bool, training: bool):
@@ -348,8 +287,10 @@ class MAMLPlusPlus(MAML):
       moments (empty without BNRS or when not training).
     """
     u = self.num_inner_steps
-    self._scratch.recording = {} if (training and self._bn_names) else None
-    try:
+    recording = (self.statistics.recording(training)
+                 if self.statistics is not None else
+                 contextlib.nullcontext())
+    with recording as recorded:
       params = self.initial_fast_weights(num_tasks(batch.support_x))
       shots = self.shots(batch)
       trajectory, support_losses = self.adapt_encoded(
@@ -364,9 +305,6 @@ class MAMLPlusPlus(MAML):
             self._guarded_query_loss(msl, trajectory[j + 1], query, batch, j,
                                      shots, training) for j in range(u - 1)
         ] + step_losses
-      recording = self._scratch.recording
-    finally:
-      self._scratch.recording = None
     if msl is False:
       loss = final_loss
     else:
@@ -385,27 +323,9 @@ class MAMLPlusPlus(MAML):
     if self.model.task_type == CLASSIFICATION:
       metrics["post_update_accuracy"] = tf.reduce_mean(
           losses.accuracy(outputs, batch.query_y))
-    return loss, metrics, self._summarise(recording or {})
-
-  def _summarise(self, recording: dict) -> list:
-    """Per BN layer ``(mean_sum [U, C], var_sum [U, C], count [U])``: fixed
-    shapes, so both branches of a ``tf.cond`` return the same structure."""
-    summary = []
-    for k, running in enumerate(self.running_means):
-      dtype = running.dtype
-      zero = tf.zeros(running.shape[-1:], dtype)
-      sums, squares, counts = [], [], []
-      for s in range(self.num_inner_steps):
-        entries = [e if len(e) == 3 else (*e, 1.0)
-                   for e in recording.get((k, s), [])]
-        sums.append(tf.add_n([tf.cast(w, dtype) * tf.cast(m, dtype)
-                              for m, _, w in entries]) if entries else zero)
-        squares.append(tf.add_n([tf.cast(w, dtype) * tf.cast(v, dtype)
-                                 for _, v, w in entries]) if entries else zero)
-        counts.append(tf.add_n([tf.cast(w, dtype) for _, _, w in entries])
-                      if entries else tf.zeros([], dtype))
-      summary.append((tf.stack(sums), tf.stack(squares), tf.stack(counts)))
-    return summary
+    statistics = (self.statistics.summarise(recorded)
+                  if self.statistics is not None and training else [])
+    return loss, metrics, statistics
 
   def meta_loss(self, batch: TaskBatch, step=None, training: bool = True):
     """MAML++'s objective at meta-iteration ``step``.
@@ -427,12 +347,11 @@ class MAMLPlusPlus(MAML):
     weights = self.loss_weights(step, self.model.trainable_variables[0].dtype)
     # The derivative order changes the whole graph: two branches, each
     # compiled once (only when derivative-order annealing is on).
-    loss, metrics, statistics = _select(
+    loss, metrics, statistics = select(
         first_order,
         lambda: self._objective(batch, msl, weights, True, training),
         lambda: self._objective(batch, msl, weights, False, training))
-    self._scratch.pending = (statistics if (training and self._bn_names)
-                             else None)
+    self._scratch.pending = statistics or None
     return loss, metrics
 
   def pretrain_loss(self, batch: TaskBatch, step=None, training: bool = True):
@@ -443,14 +362,5 @@ class MAMLPlusPlus(MAML):
     """Blends the last meta-loss's batch statistics into the per-step running
     statistics (BNRS). The training loop calls it after the gradients."""
     pending, self._scratch.pending = self._scratch.pending, None
-    if not pending:
-      return
-    m = self.config.bn_momentum
-    for (sums, squares, counts), means, variances in zip(
-        pending, self.running_means, self.running_vars):
-      seen = (counts > 0)[:, None] & tf.cast(finite, tf.bool)
-      denominator = tf.maximum(counts, 1.0)[:, None]
-      means.assign(tf.where(seen, (1 - m) * means + m * sums / denominator,
-                            means))
-      variances.assign(tf.where(
-          seen, (1 - m) * variances + m * squares / denominator, variances))
+    if pending:
+      self.statistics.update(pending, finite)

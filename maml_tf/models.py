@@ -288,8 +288,9 @@ def build(name: str, **kwargs) -> MetaModel:
       'None'), ``num_filters``, ``max_pool``, ``image_shape``, ``hidden``,
       ``input_dim``, ``seed`` (initialiser seed), ``dtype`` ('float32' or
       'float64'), ``norm_scale`` (batch norm also learns a scale gamma; the
-      original learns only the offset beta, MAML++ learns both). The sinusoid MLP defaults to ``norm='None'`` (the paper's
-      command), the others to the original flag default 'batch_norm'.
+      original learns only the offset beta, MAML++ learns both). The sinusoid
+      MLP defaults to ``norm='None'`` (the paper's command), the others to the
+      original flag default 'batch_norm'.
 
   Returns:
     A ``MetaModel``.

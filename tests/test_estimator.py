@@ -14,11 +14,11 @@ def test_fit_predict_score_on_sinusoid_learns():
   learner = MetaSGD(models.build("mlp_sinusoid", seed=0), seed=0)
   estimator = MetaEstimator(learner, steps_per_call=100)
   before, _ = estimator.score(test, num_tasks=200)
-  assert estimator.fit(train, num_iterations=800) is estimator
+  assert estimator.fit(train, num_iterations=600) is estimator
   after, ci95 = estimator.score(test, num_tasks=200)
-  assert after < 0.5 * before, (before, after)
+  assert after < 0.6 * before, (before, after)
   assert 0 < ci95 < 0.5 * after
-  assert int(estimator.trainer.step.numpy()) == 800
+  assert int(estimator.trainer.step.numpy()) == 600
   # predict agrees with the per-task evaluation's MSE after 1 step.
   task = test.batch(0, 1)
   predictions = estimator.predict(task.support_x[0], task.support_y[0],
@@ -28,8 +28,8 @@ def test_fit_predict_score_on_sinusoid_learns():
   expected = learner.evaluate(helpers.to_tensors(task), num_steps=1)
   assert mse == pytest.approx(float(expected["query_loss"][0, 1]), rel=1e-4)
   # A second fit continues: the step counter and the task stream carry on.
-  estimator.fit(train, num_iterations=200)
-  assert int(estimator.trainer.step.numpy()) == 1000
+  estimator.fit(train, num_iterations=100)
+  assert int(estimator.trainer.step.numpy()) == 700
 
 
 def test_classification_predict_returns_class_ids():

@@ -138,9 +138,12 @@ flags.DEFINE_bool("mamlpp_bnwb", True,
                   "[mamlpp] Per-step batch-norm weights and biases (BNWB); "
                   "batch norm then learns a scale as well as an offset.")
 flags.DEFINE_bool("mamlpp_bnrs", True,
-                  "[mamlpp] Per-step batch-norm running statistics, used to "
-                  "normalise at evaluation (BNRS); False: current-batch "
-                  "statistics everywhere, which is what HTTYM's code computes.")
+                  "[mamlpp] Track per-step batch-norm running statistics "
+                  "(BNRS; saved in checkpoints).")
+flags.DEFINE_bool("mamlpp_bnrs_eval", False,
+                  "[mamlpp] Normalise evaluation passes with the per-step "
+                  "running statistics (inductive); False: current-batch "
+                  "statistics, which is what HTTYM's code computes.")
 flags.DEFINE_integer("mamlpp_first_order_epochs", 0,
                      "[mamlpp] Derivative-order annealing: first-order "
                      "meta-gradients for this many epochs, then second order "
@@ -303,6 +306,7 @@ def _build_learner(model):
           learned_step_sizes=FLAGS.mamlpp_lslr,
           per_step_norm_weights=FLAGS.mamlpp_bnwb,
           per_step_running_stats=FLAGS.mamlpp_bnrs,
+          eval_with_running_stats=FLAGS.mamlpp_bnrs_eval,
           first_order_epochs=FLAGS.mamlpp_first_order_epochs,
           iterations_per_epoch=FLAGS.mamlpp_iterations_per_epoch)
       return maml_tf.MAMLPlusPlus(model, FLAGS.update_lr, FLAGS.num_updates,

@@ -15,7 +15,8 @@ Every change to MAML is a switch of ``MAMLPPConfig``:
 * BNWB: per-step batch-norm weights and biases: each norm parameter becomes a
   ``[U, C]`` variable and step j's forward passes use row j. Build the model
   with ``norm_scale=True`` to have a gamma as well as beta, as HTTYM does.
-* BNRS: per-step batch-norm running statistics ``[U, C]`` (momentum 0.1).
+* BNRS: per-step batch-norm running statistics ``[U, C]`` (momentum 0.1),
+  used to normalise at evaluation only with ``eval_with_running_stats``.
 * DA, derivative-order annealing: first-order meta-gradients while
   ``epoch < first_order_epochs``, second order afterwards.
 * Cosine annealing of the meta learning rate is the training loop's
@@ -27,12 +28,16 @@ step is a tensor, so the phases are ``tf.cond`` branches (each compiled once).
 
 Running statistics (BNRS). HTTYM normalises with ``training=True`` in every
 phase, so its per-step running statistics never affect results (HTTYM issues
-#3, #24). Here evaluation (``evaluate``, ``adapt_and_predict``,
-meta-validation) normalises step j with step j's running statistics, as the
-paper describes; meta-training uses the current batch's statistics, and
-``per_step_running_stats=False`` reproduces HTTYM's numerics. The statistics
-are recorded while the meta-loss runs and assigned by ``update_state``, which
-the training loop calls after the gradients (``maml_tf.step_statistics``).
+#3, #24). Here they are tracked the same way and, by default, evaluation is
+likewise transductive (current-batch statistics), which keeps HTTYM's
+numerics: an inner loop meta-learned with batch statistics (and LSLR rates
+tuned to them) can diverge when the statistics are frozen (measured on the
+sinusoid, see the README). With ``eval_with_running_stats`` evaluation
+(``evaluate``, ``adapt_and_predict``, meta-validation) normalises step j with
+step j's running statistics instead (inductive), as the paper describes. The
+statistics are recorded while the meta-loss runs and assigned by
+``update_state``, which the training loop calls after the gradients
+(``maml_tf.step_statistics``).
 
 More evaluation than training steps (HTTYM issue #28, where per-step
 parameters run out): step j >= U uses the parameters, statistics and learning
@@ -64,7 +69,11 @@ class MAMLPPConfig:
       HTTYM ``multi_step_loss_num_epochs`` = 10).
     learned_step_sizes: LSLR (``--mamlpp_lslr``).
     per_step_norm_weights: BNWB (``--mamlpp_bnwb``).
-    per_step_running_stats: BNRS (``--mamlpp_bnrs``).
+    per_step_running_stats: BNRS, track per-step running statistics
+      (``--mamlpp_bnrs``).
+    eval_with_running_stats: normalise evaluation passes with them
+      (``--mamlpp_bnrs_eval``); False: current-batch statistics, as HTTYM's
+      code computes.
     bn_momentum: running-statistics momentum (HTTYM: 0.1).
     first_order_epochs: DA: first order before this epoch
       (``--mamlpp_first_order_epochs``; HTTYM's
@@ -79,6 +88,7 @@ class MAMLPPConfig:
   learned_step_sizes: bool = True
   per_step_norm_weights: bool = True
   per_step_running_stats: bool = True
+  eval_with_running_stats: bool = False
   bn_momentum: float = 0.1
   first_order_epochs: int = 0
   iterations_per_epoch: int = 500
@@ -93,6 +103,9 @@ class MAMLPPConfig:
     if self.iterations_per_epoch < 1:
       raise ValueError(f"--mamlpp_iterations_per_epoch must be >= 1, got "
                        f"{self.iterations_per_epoch}")
+    if self.eval_with_running_stats and not self.per_step_running_stats:
+      raise ValueError("--mamlpp_bnrs_eval needs --mamlpp_bnrs (running "
+                       "statistics to evaluate with).")
     if not 0.0 < self.bn_momentum <= 1.0:
       raise ValueError(f"bn_momentum must be in (0, 1], got "
                        f"{self.bn_momentum}")
@@ -140,6 +153,10 @@ class MAMLPlusPlus(MAML):
     loss_scaling: 'mean' (HTTYM's ``F.cross_entropy``) or 'original'.
     **kwargs: other ``MAML`` options.
 
+  ``adapt`` returns the adapted model weights only; with BNWB the norm
+  parameters of each step live in ``norm_weights``, so predict with
+  ``adapt_and_predict`` (or ``forward``), which applies them.
+
   Example:
     >>> model = models.build("conv4_omniglot", norm_scale=True)
     >>> learner = MAMLPlusPlus(model, inner_lr=0.1, num_inner_steps=5)
@@ -178,8 +195,8 @@ class MAMLPlusPlus(MAML):
                        if config.per_step_running_stats else None)
     if self.statistics is not None and not self.statistics.num_layers:
       self.statistics = None  # no batch norm in the model
-    # Evaluation normalises with the running statistics when they exist.
-    self.eval_training = self.statistics is None
+    self.eval_training = not (self.statistics is not None and
+                              config.eval_with_running_stats)
     self._scratch = _Scratch()
 
   # ---------------------------------------------------------------- variables

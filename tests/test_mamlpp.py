@@ -241,7 +241,7 @@ def test_training_loop_updates_per_step_running_statistics(tmp_path):
 
 def test_evaluation_normalises_with_running_statistics():
   model = bn_mlp()
-  learner = learner_for(model, steps=2)
+  learner = learner_for(model, steps=2, eval_with_running_stats=True)
   rng = np.random.default_rng(0)
   for v in learner.statistics.means + learner.statistics.variances:
     v.assign(np.abs(rng.normal(size=v.shape)) + 0.5)
@@ -257,9 +257,9 @@ def test_evaluation_normalises_with_running_statistics():
     v.assign(v + 1.0)
   moved = learner.adapt_and_predict(support_x, support_y, query_x).numpy()
   assert not np.allclose(moved, out)
-  # Without BNRS evaluation is transductive, as the original's.
-  plain = learner_for(model, steps=2, per_step_running_stats=False)
-  assert plain.eval_training and plain.statistics is None
+  # By default evaluation is transductive, as HTTYM's code and the original.
+  plain = learner_for(model, steps=2)
+  assert plain.eval_training and plain.statistics is not None
   a = plain.adapt_and_predict(support_x, support_y, query_x).numpy()
   b = plain.adapt_and_predict(support_x, support_y, other).numpy()
   assert not np.allclose(a[0], b[0])
@@ -301,7 +301,10 @@ def test_eager_and_xla_agree():
     ("msl_epochs", -1, "--mamlpp_msl_epochs"),
     ("first_order_epochs", -2, "--mamlpp_first_order_epochs"),
     ("iterations_per_epoch", 0, "--mamlpp_iterations_per_epoch"),
+    ("per_step_running_stats", False, "--mamlpp_bnrs_eval needs"),
 ])
 def test_bad_config_is_named(field, value, flag):
+  extra = ({"eval_with_running_stats": True}
+           if field == "per_step_running_stats" else {})
   with pytest.raises(ValueError, match=flag):
-    MAMLPPConfig(**{field: value})
+    MAMLPPConfig(**{field: value}, **extra)

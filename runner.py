@@ -131,6 +131,48 @@ flags.DEFINE_enum("rotation", "auto", ["auto", "task", "classes", "none"],
                   "augmentation, on every split), classes (each rotation is "
                   "a new class), none; auto: task for omniglot, else none.")
 
+# ------------------------------------------ MAML family (anil, metasgd, mamlpp)
+flags.DEFINE_bool("anil_cache_features", True,
+                  "[anil] Run the body once per task and set and only the "
+                  "head in the inner loop (same results, faster).")
+flags.DEFINE_list("metasgd_init_range", ["0.005", "0.1"],
+                  "[metasgd] low,high of the uniform initialisation of the "
+                  "element-wise inner learning rates alpha (Li et al. 2017: "
+                  "[0.005, 0.1]). --update_lr is not used.")
+flags.DEFINE_bool("mamlpp_msl", True,
+                  "[mamlpp] Multi-step loss: annealed per-step weights of the "
+                  "query losses after every inner step (MSL).")
+flags.DEFINE_integer("mamlpp_msl_epochs", 10,
+                     "[mamlpp] Epochs during which the multi-step loss is used "
+                     "(HTTYM multi_step_loss_num_epochs).")
+flags.DEFINE_bool("mamlpp_lslr", True,
+                  "[mamlpp] Learned per-layer per-step inner learning rates, "
+                  "initialised to --update_lr (LSLR).")
+flags.DEFINE_bool("mamlpp_bnwb", True,
+                  "[mamlpp] Per-step batch-norm weights and biases (BNWB); "
+                  "batch norm then learns a scale as well as an offset.")
+flags.DEFINE_bool("mamlpp_bnrs", True,
+                  "[mamlpp] Track per-step batch-norm running statistics "
+                  "(BNRS; saved in checkpoints).")
+flags.DEFINE_bool("mamlpp_bnrs_eval", False,
+                  "[mamlpp] Normalise evaluation passes with the per-step "
+                  "running statistics (inductive); False: current-batch "
+                  "statistics, which is what HTTYM's code computes.")
+flags.DEFINE_integer("mamlpp_first_order_epochs", 0,
+                     "[mamlpp] Derivative-order annealing: first-order "
+                     "meta-gradients for this many epochs, then second order "
+                     "(HTTYM first_order_to_second_order_epoch + 1; the "
+                     "paper's text: 50).")
+flags.DEFINE_integer("mamlpp_iterations_per_epoch", 500,
+                     "[mamlpp] Meta-iterations per epoch for the MSL and "
+                     "derivative-order schedules (HTTYM total_iter_per_epoch).")
+flags.DEFINE_bool("mamlpp_cosine_lr", True,
+                  "[mamlpp] Cosine annealing of the meta learning rate from "
+                  "--meta_lr to --mamlpp_min_meta_lr over the run.")
+flags.DEFINE_float("mamlpp_min_meta_lr", 1e-5,
+                   "[mamlpp] Final meta learning rate of the cosine schedule "
+                   "(HTTYM min_learning_rate).")
+
 
 def _float_str(value: float) -> str:
   """Python's ``str()`` of a flag value, as the original exp_string uses."""
@@ -158,6 +200,15 @@ def experiment_string() -> str:
         "None": "nonorm"}[FLAGS.norm]
   if FLAGS.model != "maml":
     s = f"{FLAGS.model}.{s}"
+    # The variant's own options, where they differ from their defaults, so
+    # that two configurations never share (and resume) one run directory.
+    prefix = "mamlpp" if FLAGS.model == "mamlpp" else FLAGS.model
+    for name in sorted(FLAGS):
+      flag = FLAGS[name]
+      if name.startswith(prefix + "_") and flag.value != flag.default:
+        value = (",".join(flag.value) if isinstance(flag.value, list)
+                 else flag.value)
+        s += f".{name[len(prefix) + 1:]}{value}"
   return s
 
 
@@ -259,31 +310,72 @@ def _build_model():
   if _is_sinusoid():
     return models.build("mlp_sinusoid",
                         input_dim=3 if FLAGS.baseline == "oracle" else 1,
-                        norm=FLAGS.norm, seed=FLAGS.seed)
+                        norm=FLAGS.norm, seed=FLAGS.seed,
+                        **_family_model_kwargs())
   from maml_tf import image_data
   shape = tuple(image_data.read_index(FLAGS.data_path,
                                       FLAGS.datasource)["image_shape"])
   if not FLAGS.conv:  # the original's fully connected net, any image size
     return models.build("mlp_omniglot", num_classes=FLAGS.num_classes,
                         norm=FLAGS.norm, input_dim=math.prod(shape),
-                        seed=FLAGS.seed)
+                        seed=FLAGS.seed, **_family_model_kwargs())
   name = ("conv4_miniimagenet" if FLAGS.datasource == "miniimagenet" else
           "conv4_omniglot")
   return models.build(name, num_classes=FLAGS.num_classes, norm=FLAGS.norm,
                       num_filters=FLAGS.num_filters, max_pool=FLAGS.max_pool,
-                      image_shape=shape, seed=FLAGS.seed)
+                      image_shape=shape, seed=FLAGS.seed,
+                      **_family_model_kwargs())
+
+
+def _family_model_kwargs() -> dict:
+  """Network options a family member needs: MAML++'s per-step batch-norm
+  weights and biases learn a scale gamma too (HTTYM's MetaBatchNormLayer)."""
+  if FLAGS.model == "mamlpp" and FLAGS.mamlpp_bnwb:
+    return {"norm_scale": True}
+  return {}
+
+
+def _metasgd_init_range() -> tuple[float, float]:
+  try:
+    low, high = (float(v) for v in FLAGS.metasgd_init_range)
+  except ValueError:
+    value = ",".join(FLAGS.metasgd_init_range)
+    raise app.UsageError(f"--metasgd_init_range={value}: expected two numbers "
+                         "'low,high'.") from None
+  return low, high
 
 
 def _build_learner(model):
   """The ``--model`` learner (MAML family) around ``model``."""
   import maml_tf
-  if FLAGS.model == "maml":
-    return maml_tf.MAML(model, FLAGS.update_lr, FLAGS.num_updates,
-                        first_order=FLAGS.stop_grad,
-                        num_inner_steps_eval=_train_eval_updates(),
-                        jit_compile=FLAGS.jit_compile)
-  # [family] anil / metasgd / mamlpp are built here.
-  raise app.UsageError(f"--model={FLAGS.model} is not available yet.")
+  common = dict(first_order=FLAGS.stop_grad,
+                num_inner_steps_eval=_train_eval_updates(),
+                jit_compile=FLAGS.jit_compile)
+  try:
+    if FLAGS.model == "maml":
+      return maml_tf.MAML(model, FLAGS.update_lr, FLAGS.num_updates, **common)
+    if FLAGS.model == "anil":
+      return maml_tf.ANIL(model, FLAGS.update_lr, FLAGS.num_updates,
+                          cache_features=FLAGS.anil_cache_features, **common)
+    if FLAGS.model == "metasgd":
+      return maml_tf.MetaSGD(model, FLAGS.num_updates,
+                             init_range=_metasgd_init_range(), seed=FLAGS.seed,
+                             **common)
+    if FLAGS.model == "mamlpp":
+      config = maml_tf.MAMLPPConfig(
+          multi_step_loss=FLAGS.mamlpp_msl,
+          msl_epochs=FLAGS.mamlpp_msl_epochs,
+          learned_step_sizes=FLAGS.mamlpp_lslr,
+          per_step_norm_weights=FLAGS.mamlpp_bnwb,
+          per_step_running_stats=FLAGS.mamlpp_bnrs,
+          eval_with_running_stats=FLAGS.mamlpp_bnrs_eval,
+          first_order_epochs=FLAGS.mamlpp_first_order_epochs,
+          iterations_per_epoch=FLAGS.mamlpp_iterations_per_epoch)
+      return maml_tf.MAMLPlusPlus(model, FLAGS.update_lr, FLAGS.num_updates,
+                                  config=config, **common)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  raise app.UsageError(f"--model={FLAGS.model} is not a MAML-family model.")
 
 
 def _train_config(run_dir: str):
@@ -300,6 +392,9 @@ def _train_config(run_dir: str):
       pretrain_iterations=FLAGS.pretrain_iterations,
       meta_batch_size=FLAGS.meta_batch_size,
       meta_lr=FLAGS.meta_lr,
+      lr_schedule=("cosine" if FLAGS.model == "mamlpp" and
+                   FLAGS.mamlpp_cosine_lr else "constant"),
+      min_meta_lr=FLAGS.mamlpp_min_meta_lr,
       clip_value=10.0 if FLAGS.datasource == "miniimagenet" else 0.0,
       log_every=FLAGS.summary_interval,
       print_every=print_interval,

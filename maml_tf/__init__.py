@@ -3,6 +3,10 @@
 Public API:
   TaskBatch: a typed meta-batch of tasks (leading task axis).
   MAML: second-order (or first-order) MAML, Finn et al. 2017.
+  ANIL: MAML adapting only the head, Raghu et al. 2020.
+  MetaSGD: element-wise learned inner learning rates, Li et al. 2017.
+  MAMLPlusPlus, MAMLPPConfig: MAML++, Antoniou et al. 2019.
+  MetaEstimator: scikit-learn style fit / predict / score around any of them.
   models: ``models.build(name, **kwargs)`` for the paper's networks.
 
 Attributes are imported lazily, so tools that only need the data utilities
@@ -12,7 +16,12 @@ Attributes are imported lazily, so tools that only need the data utilities
 import importlib
 
 _EXPORTS = {
+    "ANIL": ("maml_tf.anil", "ANIL"),
     "MAML": ("maml_tf.maml", "MAML"),
+    "MAMLPPConfig": ("maml_tf.mamlpp", "MAMLPPConfig"),
+    "MAMLPlusPlus": ("maml_tf.mamlpp", "MAMLPlusPlus"),
+    "MetaEstimator": ("maml_tf.estimator", "MetaEstimator"),
+    "MetaSGD": ("maml_tf.metasgd", "MetaSGD"),
     "TaskBatch": ("maml_tf.tasks", "TaskBatch"),
     "models": ("maml_tf.models", None),
 }

@@ -21,7 +21,8 @@ variable shape ``S`` is passed as ``[T, *S]``.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -161,6 +162,30 @@ def exact_moments(x: tf.Tensor, axes: Sequence[int]):
   return mean, variance
 
 
+# Hooks installed by ``batch_norm_statistics`` (innermost last).
+_STATISTICS_HOOKS: list[Callable] = []
+
+
+@contextlib.contextmanager
+def batch_norm_statistics(hook: Callable):
+  """Routes every ``BatchNorm`` call's statistics through ``hook``.
+
+  Within the context, ``BatchNorm.forward`` calls
+  ``hook(layer, step, mean, variance, count)`` with the exact moments of the
+  current call (``[T, 1, ..., 1, C]``, per task) and the number of elements
+  each was taken over, and normalises with the ``(mean, variance)`` it returns.
+  MAML++ uses this to record per-step batch statistics while meta-training
+  and to normalise with per-step running statistics at evaluation. The hook
+  runs at trace time (inside ``tf.function`` it sees symbolic tensors); it
+  must not assign to variables, since it runs inside gradient tapes.
+  """
+  _STATISTICS_HOOKS.append(hook)
+  try:
+    yield
+  finally:
+    _STATISTICS_HOOKS.pop()
+
+
 class BatchNorm(FunctionalLayer):
   """Batch norm with current-batch statistics, as cbfinn/maml uses it.
 
@@ -202,7 +227,13 @@ class BatchNorm(FunctionalLayer):
     return y
 
   def forward(self, params, x, step=0, training=True):
-    mean, variance = exact_moments(x, list(range(1, len(x.shape) - 1)))
+    axes = list(range(1, len(x.shape) - 1))
+    mean, variance = exact_moments(x, axes)
+    if _STATISTICS_HOOKS:
+      count = 1
+      for axis in axes:
+        count *= x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+      mean, variance = _STATISTICS_HOOKS[-1](self, step, mean, variance, count)
     return self.normalize(params, x, mean, variance)
 
 
@@ -244,7 +275,11 @@ def max_pool_2x2(x: tf.Tensor) -> tf.Tensor:
 
 
 def make_norm(norm: str, name: str, dtype=None, **kwargs) -> FunctionalLayer | None:
-  """The original's ``--norm`` options: 'batch_norm', 'layer_norm', 'None'."""
+  """The original's ``--norm`` options: 'batch_norm', 'layer_norm', 'None'.
+
+  ``kwargs`` are ``BatchNorm`` options (e.g. ``scale=True``); layer norm
+  always learns a scale and an offset.
+  """
   if norm == "batch_norm":
     return BatchNorm(name=name, dtype=dtype, **kwargs)
   if norm == "layer_norm":

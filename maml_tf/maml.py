@@ -166,6 +166,11 @@ class MAML(tf.Module):
     >>> optimizer.apply_gradients(zip(grads, maml.trainable_variables))
   """
 
+  # The ``training`` flag of forward passes at evaluation and adaptation: True
+  # uses the current batch's batch-norm statistics, as the original does;
+  # MAML++ with per-step running statistics sets it to False.
+  eval_training: bool = True
+
   def __init__(self, model: MetaModel, inner_lr: float, num_inner_steps: int,
                first_order: bool = False, *,
                num_inner_steps_eval: int | None = None,
@@ -235,10 +240,53 @@ class MAML(tf.Module):
     """
     return max(num_updates - 1, 0)
 
+  # ------------------------------------------------------------- the network
+  def forward(self, params: Params, x: tf.Tensor, step: int,
+              training: bool) -> tf.Tensor:
+    """The network at fast weights ``params`` on inputs from ``encode``.
+
+    Args:
+      params: fast weights aligned with ``model.trainable_variables``, each
+        ``[T, ...]``.
+      x: ``encode``'s output for a support or query set, ``[T, B, ...]``.
+      step: the inner step index (per-step layers, MAML++).
+      training: training-mode call.
+
+    Returns:
+      ``[T, B, num_outputs]``. Variants override this (ANIL's cached head,
+      MAML++'s per-step parameters).
+    """
+    return self.model.forward(params, x, step, training)
+
+  def encode(self, params: Params, x: tf.Tensor, training: bool):
+    """The part of the network the inner loop does not change, computed once
+    per task and set (identity for MAML; ANIL's body with cached features).
+
+    It is evaluated at theta_0, so it may only read weights that are not
+    adapted.
+    """
+    del params, training
+    return x
+
   # -------------------------------------------------------------------- stages
   def initial_fast_weights(self, num_tasks) -> Params:
     """theta_0 for every task: the meta-parameters broadcast to ``[T, ...]``."""
     return self.model.tile_params(num_tasks)
+
+  def adapt_encoded(self, params: Params, support, support_y: tf.Tensor,
+                    shots: int, num_steps: int, training: bool,
+                    first_order: bool | None = None):
+    """The inner loop from ``params`` on encoded support inputs.
+
+    Returns:
+      ``(trajectory, support_losses)`` as ``inner_loop``.
+    """
+    return inner_loop(
+        lambda p, x, s: self.forward(p, x, s, training), params,
+        self.adapted_mask, support, support_y,
+        lambda out, y: self.task_loss(out, y, shots), num_steps,
+        self.inner_learning_rates,
+        self.first_order if first_order is None else first_order)
 
   def adapt_batch(self, batch: TaskBatch, num_steps: int,
                   training: bool = True, first_order: bool | None = None):
@@ -247,19 +295,18 @@ class MAML(tf.Module):
     Returns:
       ``(trajectory, support_losses)`` as ``inner_loop``.
     """
-    shots = self.shots(batch)
-    return inner_loop(
-        lambda p, x, s: self.model.forward(p, x, s, training),
-        self.initial_fast_weights(num_tasks(batch.support_x)),
-        self.adapted_mask, batch.support_x, batch.support_y,
-        lambda out, y: self.task_loss(out, y, shots), num_steps,
-        self.inner_learning_rates,
-        self.first_order if first_order is None else first_order)
+    params = self.initial_fast_weights(num_tasks(batch.support_x))
+    support = self.encode(params, batch.support_x, training)
+    return self.adapt_encoded(params, support, batch.support_y,
+                              self.shots(batch), num_steps, training,
+                              first_order)
 
   def query_outputs(self, fast_weights: Params, query_x: tf.Tensor,
                     num_updates: int, training: bool = True) -> tf.Tensor:
-    return self.model.forward(fast_weights, query_x,
-                              self.query_step(num_updates), training)
+    """Outputs on raw query inputs ``[T, Q, ...]`` after ``num_updates``."""
+    return self.forward(fast_weights,
+                        self.encode(fast_weights, query_x, training),
+                        self.query_step(num_updates), training)
 
   def meta_loss(self, batch: TaskBatch, step=None, training: bool = True):
     """The MAML objective: mean over tasks of the query loss after U steps.
@@ -276,11 +323,15 @@ class MAML(tf.Module):
       classification, the matching accuracies.
     """
     del step
-    trajectory, support_losses = self.adapt_batch(batch, self.num_inner_steps,
-                                                  training)
-    outputs = self.query_outputs(trajectory[-1], batch.query_x,
-                                 self.num_inner_steps, training)
-    query_losses = self.task_loss(outputs, batch.query_y, self.shots(batch))
+    params = self.initial_fast_weights(num_tasks(batch.support_x))
+    shots = self.shots(batch)
+    trajectory, support_losses = self.adapt_encoded(
+        params, self.encode(params, batch.support_x, training),
+        batch.support_y, shots, self.num_inner_steps, training)
+    outputs = self.forward(trajectory[-1],
+                           self.encode(params, batch.query_x, training),
+                           self.query_step(self.num_inner_steps), training)
+    query_losses = self.task_loss(outputs, batch.query_y, shots)
     loss = tf.reduce_mean(query_losses)
     metrics = {"post_update_loss": loss}
     if support_losses:
@@ -294,22 +345,24 @@ class MAML(tf.Module):
     """The original's multi-task baseline objective (``--pretrain_iterations``):
     the pre-update support loss, with no adaptation."""
     del step
-    outputs = self.model.forward(
-        self.initial_fast_weights(num_tasks(batch.support_x)),
-        batch.support_x, 0, training)
+    params = self.initial_fast_weights(num_tasks(batch.support_x))
+    outputs = self.forward(params,
+                           self.encode(params, batch.support_x, training), 0,
+                           training)
     loss = tf.reduce_mean(self.task_loss(outputs, batch.support_y,
                                          self.shots(batch)))
     return loss, {"pre_update_loss": loss}
 
   def evaluate(self, batch: TaskBatch, num_steps: int | None = None,
-               training: bool = True) -> dict:
+               training: bool | None = None) -> dict:
     """Per-task, per-step evaluation (no meta-gradient).
 
     Args:
       batch: a ``TaskBatch`` of T tasks.
       num_steps: inner steps (default ``num_inner_steps_eval``).
-      training: forward mode; the original evaluates in training mode
-        (batch-norm statistics of the current batch), which is the default.
+      training: forward mode (default ``eval_training``); the original
+        evaluates in training mode (batch-norm statistics of the current
+        batch).
 
     Returns:
       ``query_loss`` ``[T, U+1]`` (column j: after j inner steps),
@@ -318,18 +371,23 @@ class MAML(tf.Module):
       ``support_accuracy`` ``[T]``.
     """
     num_steps = self.num_inner_steps_eval if num_steps is None else num_steps
+    training = self.eval_training if training is None else training
     batch = TaskBatch(*(tf.stop_gradient(t) for t in batch))
-    trajectory, support_losses = self.adapt_batch(batch, num_steps, training,
-                                                  first_order=True)
     shots = self.shots(batch)
+    params = self.initial_fast_weights(num_tasks(batch.support_x))
+    support = self.encode(params, batch.support_x, training)
+    query = self.encode(params, batch.query_x, training)
+    trajectory, _ = self.adapt_encoded(params, support, batch.support_y,
+                                       shots, num_steps, training,
+                                       first_order=True)
     query_losses, query_accuracies = [], []
     for j, fast in enumerate(trajectory):
-      outputs = self.query_outputs([tf.stop_gradient(p) for p in fast],
-                                   batch.query_x, j, training)
+      outputs = self.forward([tf.stop_gradient(p) for p in fast], query,
+                             self.query_step(j), training)
       query_losses.append(self.task_loss(outputs, batch.query_y, shots))
       if self.model.task_type == CLASSIFICATION:
         query_accuracies.append(losses.accuracy(outputs, batch.query_y))
-    support_out = self.model.forward(trajectory[0], batch.support_x, 0, training)
+    support_out = self.forward(trajectory[0], support, 0, training)
     results = {
         "query_loss": tf.stack(query_losses, axis=1),
         "support_loss": self.task_loss(support_out, batch.support_y, shots),
@@ -348,30 +406,35 @@ class MAML(tf.Module):
       self._compiled[name] = tf.function(fn, jit_compile=self.jit_compile)
     return self._compiled[name]
 
-  def _meta_gradients(self, batch: TaskBatch):
+  def _meta_gradients(self, batch: TaskBatch, step=None):
     variables = self.trainable_variables
     with tf.GradientTape() as tape:
-      loss, _ = self.meta_loss(batch)
+      loss, _ = self.meta_loss(batch, step)
     return loss, tape.gradient(loss, variables,
                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-  def meta_gradients(self, batch: TaskBatch):
+  def meta_gradients(self, batch: TaskBatch, step=None):
     """The meta-loss and its gradient (second order unless ``first_order``).
 
     Args:
       batch: a ``TaskBatch`` (leading task axis).
+      step: the global meta-iteration, for learners with schedules (MAML++);
+        None: the learner's default.
 
     Returns:
       ``(loss, grads)``, ``grads`` aligned with ``self.trainable_variables``
       (for MAML: ``model.trainable_variables``).
     """
     batch = TaskBatch(*(tf.convert_to_tensor(t) for t in batch))
-    return self._function("meta_gradients", self._meta_gradients)(batch)
+    if step is not None:
+      step = tf.convert_to_tensor(step, tf.int64)
+    return self._function("meta_gradients", self._meta_gradients)(batch, step)
 
   def _adapt_one(self, support_x, support_y, num_steps: int):
     batch = TaskBatch(support_x[None], support_y[None], support_x[None],
                       support_y[None])
-    trajectory, _ = self.adapt_batch(batch, num_steps, first_order=True)
+    trajectory, _ = self.adapt_batch(batch, num_steps, self.eval_training,
+                                     first_order=True)
     return [p[0] for p in trajectory[-1]]
 
   def adapt(self, support_x, support_y, num_steps: int | None = None) -> list:
@@ -398,7 +461,7 @@ class MAML(tf.Module):
     def run(x, y, qx):
       fast = self._adapt_one(x, y, num_steps)
       return self.query_outputs([p[None] for p in fast], qx[None],
-                                num_steps)[0]
+                                num_steps, self.eval_training)[0]
 
     fn = self._function(f"adapt_and_predict_{num_steps}", run)
     return fn(tf.convert_to_tensor(support_x), tf.convert_to_tensor(support_y),

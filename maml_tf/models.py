@@ -82,15 +82,31 @@ class MetaModel(keras.Model):
       training: training-mode call.
 
     Returns:
-      ``[T, B, num_outputs]``.
+      ``[T, B, num_outputs]``: ``apply_head(body(x))``.
     """
-    raise NotImplementedError
+    return self.apply_head(params, self.body(params, x, step, training), step,
+                           training)
 
   def call(self, x, training=None):
     """Plain Keras call on this model's own weights: ``[B, ...] -> [B, out]``."""
     params = [tf.convert_to_tensor(v)[None] for v in self.trainable_variables]
     return self.forward(params, tf.convert_to_tensor(x)[None],
                         training=bool(training))[0]
+
+  def body(self, params: Sequence[tf.Tensor], x: tf.Tensor, step: int = 0,
+           training: bool = True) -> tf.Tensor:
+    """Every layer but the head: ``[T, B, ...] -> [T, B, F]`` features."""
+    raise NotImplementedError
+
+  def apply_head(self, params: Sequence[tf.Tensor], features: tf.Tensor,
+                 step: int = 0, training: bool = True) -> tf.Tensor:
+    """The output layer on ``body`` features: ``[T, B, F] -> [T, B, out]``.
+
+    ``params`` is the full list aligned with ``trainable_variables``; only the
+    head's entries are read (ANIL adapts just these).
+    """
+    return self.head.forward(self.layer_params(self.head, params), features,
+                             step, training)
 
   def tile_params(self, num_tasks) -> list[tf.Tensor]:
     """This model's variables broadcast to ``[num_tasks, *shape]``.
@@ -110,7 +126,7 @@ class MLP(MetaModel):
 
   def __init__(self, input_dim: int, hidden: Sequence[int], num_outputs: int,
                task_type: str, norm: str = "None", seed: int | None = None,
-               dtype=None, name: str | None = None):
+               dtype=None, name: str | None = None, norm_scale: bool = False):
     super().__init__((input_dim,), num_outputs, task_type, name=name,
                      dtype=dtype)
     self.hidden = tuple(hidden)
@@ -126,7 +142,8 @@ class MLP(MetaModel):
       dense = L.Dense(units, kernel_initializer=init(i), name=f"w{i + 1}",
                       dtype=dtype)
       dense.build((None, width))
-      norm_layer = L.make_norm(norm, name=f"norm{i + 1}", dtype=dtype)
+      norm_layer = L.make_norm(norm, name=f"norm{i + 1}", dtype=dtype,
+                               scale=norm_scale)
       if norm_layer is not None:
         norm_layer.build((None, units))
       self.dense_layers.append(dense)
@@ -140,7 +157,7 @@ class MLP(MetaModel):
                        [n for n in self.norm_layers if n is not None] +
                        [self.head])
 
-  def forward(self, params, x, step=0, training=True):
+  def body(self, params, x, step=0, training=True):
     h = tf.cast(x, params[0].dtype)
     h = tf.reshape(h, [tf.shape(h)[0], tf.shape(h)[1], self.example_shape[0]])
     for dense, norm in zip(self.dense_layers, self.norm_layers):
@@ -148,8 +165,7 @@ class MLP(MetaModel):
       if norm is not None:
         h = norm.forward(self.layer_params(norm, params), h, step, training)
       h = tf.nn.relu(h)
-    return self.head.forward(self.layer_params(self.head, params), h, step,
-                             training)
+    return h
 
 
 class Conv4(MetaModel):
@@ -164,7 +180,8 @@ class Conv4(MetaModel):
   def __init__(self, image_shape: Sequence[int], num_classes: int,
                num_filters: int, max_pool: bool, pooling: str,
                head_initializer: str, norm: str = "batch_norm",
-               seed: int | None = None, dtype=None, name: str | None = None):
+               seed: int | None = None, dtype=None, name: str | None = None,
+               norm_scale: bool = False):
     super().__init__(image_shape, num_classes, CLASSIFICATION, name=name,
                      dtype=dtype)
     if pooling not in ("mean", "flatten"):
@@ -180,7 +197,8 @@ class Conv4(MetaModel):
               seed=None if seed is None else seed + i),
           name=f"conv{i + 1}", dtype=dtype)
       conv.build((None, height, width, channels))
-      norm_layer = L.make_norm(norm, name=f"norm{i + 1}", dtype=dtype)
+      norm_layer = L.make_norm(norm, name=f"norm{i + 1}", dtype=dtype,
+                               scale=norm_scale)
       if norm_layer is not None:
         norm_layer.build((None, num_filters))
       self.conv_layers.append(conv)
@@ -228,11 +246,6 @@ class Conv4(MetaModel):
       h = tf.reshape(h, [tf.shape(h)[0], tf.shape(h)[1], -1])
     return (h, blocks) if return_blocks else h
 
-  def forward(self, params, x, step=0, training=True):
-    h = self.body(params, x, step, training)
-    return self.head.forward(self.layer_params(self.head, params), h, step,
-                             training)
-
 
 def _mlp_sinusoid(input_dim=1, norm="None", hidden=(40, 40), **kw):
   return MLP(input_dim, hidden, 1, REGRESSION, norm=norm, **kw)
@@ -274,8 +287,10 @@ def build(name: str, **kwargs) -> MetaModel:
     **kwargs: overrides: ``num_classes``, ``norm`` ('batch_norm', 'layer_norm',
       'None'), ``num_filters``, ``max_pool``, ``image_shape``, ``hidden``,
       ``input_dim``, ``seed`` (initialiser seed), ``dtype`` ('float32' or
-      'float64'). The sinusoid MLP defaults to ``norm='None'`` (the paper's
-      command), the others to the original flag default 'batch_norm'.
+      'float64'), ``norm_scale`` (batch norm also learns a scale gamma; the
+      original learns only the offset beta, MAML++ learns both). The sinusoid
+      MLP defaults to ``norm='None'`` (the paper's command), the others to the
+      original flag default 'batch_norm'.
 
   Returns:
     A ``MetaModel``.

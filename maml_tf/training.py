@@ -9,9 +9,13 @@ A *learner* provides:
 * ``meta_loss(batch, step, training=True) -> (loss, {name: scalar})``;
 * ``evaluate(batch) -> {name: [T] or [T, S]}`` (per-task metrics; ``[T, S]``
   means one column per inner step);
-* optionally ``pretrain_loss(batch, step)`` (``--pretrain_iterations``) and
+* optionally ``pretrain_loss(batch, step)`` (``--pretrain_iterations``),
   ``fallback_gradients() -> list`` (what to apply when the loss or a gradient
-  is not finite, as LEO does; without it a non-finite step is skipped).
+  is not finite, as LEO does; without it a non-finite step is skipped) and
+  ``update_state(finite)``: called after each meta-step's gradients, outside
+  the tape, to update non-trainable state from the step just taken (MAML++'s
+  per-step batch-norm running statistics); ``finite`` is a boolean tensor,
+  false when the step was not finite.
 
 The loop compiles ``steps_per_call`` meta-steps into one XLA call (a
 ``tf.while_loop`` with the optimiser inside), so small workloads such as the
@@ -210,6 +214,9 @@ class Trainer:
     else:  # skip the update: Adam with zero gradients would still move
       tf.cond(finite, lambda: apply(grads), lambda: tf.constant(0))
     self.nonfinite_steps.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+    update_state = getattr(self.learner, "update_state", None)
+    if update_state is not None:
+      update_state(finite)
     metrics = dict(metrics)
     metrics["loss"] = tf.where(finite, loss, tf.zeros_like(loss))
     return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}

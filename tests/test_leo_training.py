@@ -237,10 +237,14 @@ def test_runner_names_bad_flags(tmp_path, flags, message):
   assert message in proc.stderr
 
 
-def test_runner_names_missing_embeddings(tmp_path):
-  proc = run_runner([f"--data_path={tmp_path}",
+def test_runner_flagfile_and_missing_embeddings(tmp_path):
+  proc = run_runner(["--flagfile=leo/flagfiles/tiered_5shot.txt",
+                     f"--data_path={tmp_path}",
                      f"--checkpoint_path={tmp_path / 'run'}"],
                     tmp_path / "cache")
   assert proc.returncode != 0
-  assert "train_embeddings.pkl not found" in proc.stderr
-  assert str(tmp_path) in proc.stderr
+  missing = tmp_path / "tieredImageNet" / "center" / "train_embeddings.pkl"
+  assert f"{missing} not found" in proc.stderr
+  flags = json.loads((tmp_path / "run" / "flags.json").read_text())
+  assert flags["num_tr_examples_per_class"] == 5
+  assert flags["kl_weight"] == 1.622811

@@ -153,27 +153,32 @@ def run(data_config: DataConfig, model_config: ModelConfig,
     ``{"train": Trainer.train's dict or None, "test": evaluate_test's dict or
     None}``.
   """
-  splits = ("test",) if outer.evaluation_mode else (
-      ("train", "val", "test") if test_after_train else ("train", "val"))
-  sources = data_lib.task_sources(
-      data_config, outer.num_classes, outer.num_tr_examples_per_class,
-      outer.num_val_examples_per_class, seed=seed, splits=splits)
-  for source in sources.values():
-    (width,) = source.dataset.example_shape
-    if width != model_config.embedding_dim:
-      raise data_lib.EmbeddingsError(
-          f"{source.dataset.name}: embeddings are {width}-d, the model "
-          f"expects {model_config.embedding_dim}")
+  def load(splits):
+    sources = data_lib.task_sources(
+        data_config, outer.num_classes, outer.num_tr_examples_per_class,
+        outer.num_val_examples_per_class, seed=seed, splits=splits)
+    for source in sources.values():
+      (width,) = source.dataset.example_shape
+      if width != model_config.embedding_dim:
+        raise data_lib.EmbeddingsError(
+            f"{source.dataset.name}: embeddings are {width}-d, the model "
+            f"expects {model_config.embedding_dim}")
+    return sources
+
   learner = LEO(model_config)
   trainer = Trainer(learner, train_config(outer, seed, jit_compile,
                                           steps_per_call))
   results = {"train": None, "test": None}
   if not outer.evaluation_mode:
+    if test_after_train:  # fail now, not after training, if it is missing
+      data_lib.embeddings_file(data_config, "test")
+    sources = load(("train", "val"))
     if trainer.restore() == 0:
       validate_at_start(trainer, sources["val"])
     results["train"] = trainer.train(sources["train"], sources["val"])
     logging.info("Meta-training done: %s", results["train"])
-  if "test" in sources:
-    results["test"] = evaluate_test(learner, trainer, sources["test"], outer,
-                                    jit_compile)
+    del sources  # the test split is loaded after the train split is freed
+  if outer.evaluation_mode or test_after_train:
+    results["test"] = evaluate_test(learner, trainer, load(("test",))["test"],
+                                    outer, jit_compile)
   return results

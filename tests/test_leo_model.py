@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from leo.config import ModelConfig
-from leo.model import (LEO, ProblemInstance, StatelessRandom, dropout,
-                       orthogonality, problem_from_batch)
+from leo.model import LEO, ProblemInstance, orthogonality, problem_from_batch
+from leo.randomness import StatelessRandom, dropout
 from maml_tf.tasks import TaskBatch
 from tests import helpers
 
@@ -334,7 +334,8 @@ def test_eager_graph_and_xla_agree():
   # XLA's Philox lays out its stream differently, so with XLA the comparison
   # is in evaluation mode (deterministic, still differentiated through both
   # inner loops).
-  leo = LEO(tiny_config(dtype="float32", dropout_rate=0.2))
+  leo = LEO(tiny_config(dtype="float32", dropout_rate=0.2,
+                        inner_unroll_length=2, finetuning_unroll_length=2))
   batch = helpers.to_tensors(class_major_batch(2, 3, 2, 3, 6,
                                                dtype=np.float32))
 

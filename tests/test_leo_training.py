@@ -243,8 +243,8 @@ def test_runner_flagfile_and_missing_embeddings(tmp_path):
                      f"--checkpoint_path={tmp_path / 'run'}"],
                     tmp_path / "cache")
   assert proc.returncode != 0
-  missing = tmp_path / "tieredImageNet" / "center" / "train_embeddings.pkl"
-  assert f"{missing} not found" in proc.stderr
+  missing = tmp_path / "tieredImageNet" / "center" / "test_embeddings.pkl"
+  assert f"{missing} not found" in proc.stderr  # checked before training
   flags = json.loads((tmp_path / "run" / "flags.json").read_text())
   assert flags["num_tr_examples_per_class"] == 5
   assert flags["kl_weight"] == 1.622811

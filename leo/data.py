@@ -236,11 +236,19 @@ def load_split(data_config: DataConfig, split: str) -> ClassDataset:
   keys = np.concatenate([p[0] for p in parts])
   embeddings = (parts[0][1] if len(parts) == 1 else
                 np.concatenate([p[1] for p in parts]))
-  class_names, class_rows = index_by_class(keys, name)
+  dataset = dataset_from_arrays(keys, embeddings, name)
   logging.info("%s: %d embeddings of width %d in %d classes.", name,
-               embeddings.shape[0], embeddings.shape[1], len(class_names))
-  return ClassDataset(embeddings, class_rows, class_names, name=name,
-                      transform=l2_normalize)
+               embeddings.shape[0], embeddings.shape[1], dataset.num_classes)
+  return dataset
+
+
+def dataset_from_arrays(keys: np.ndarray, embeddings: np.ndarray,
+                        name: str = "embeddings") -> ClassDataset:
+  """A split from in-memory ``keys [n]`` and ``embeddings [n, d]`` (e.g.
+  ``leo.synthetic.generate(...)["train"]``), L2-normalised when sampled."""
+  class_names, class_rows = index_by_class(np.asarray(keys), name)
+  return ClassDataset(np.asarray(embeddings, np.float32), class_rows,
+                      class_names, name=name, transform=l2_normalize)
 
 
 def task_source(dataset: ClassDataset, split: str, num_classes: int,

@@ -301,3 +301,9 @@ def test_synthetic_classes_need_meta_learning():
   raw, learned = one_shot(test), one_shot(test, lda)
   assert 0.22 < raw < 0.45, raw
   assert 0.6 < learned < 0.85, learned
+  # The same arrays as an in-memory split (no files), as benchmarks use them.
+  dataset = data.dataset_from_arrays(**splits["test"])
+  batch = data.task_source(dataset, "test", 5, 1, 15).batch(0, 2)
+  assert batch.support_x.shape == (2, 5, 640)
+  np.testing.assert_allclose(np.linalg.norm(batch.query_x, axis=-1), 1.0,
+                             rtol=1e-5)

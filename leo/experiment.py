@@ -104,12 +104,7 @@ def evaluate_test(learner: LEO, trainer: Trainer, test_source,
   if which == "latest":
     logging.warning("No %s in %s: testing the latest checkpoint %s.",
                     BEST_DIR, run_dir, path)
-  # Only the weights and the step: the optimiser state is not needed, and a
-  # best checkpoint (Checkpoint.write) has no save counter.
-  tf.train.Checkpoint(learner=learner, step=trainer.step).restore(
-      path).assert_existing_objects_matched().expect_partial()
-  step = int(trainer.step.numpy())
-  logging.info("Restored %s (step %d).", path, step)
+  step = trainer.restore(path, weights_only=True)
   num_tasks = outer.num_metatest_tasks_rounded
   logging.info("Meta-testing the %s checkpoint (step %d) on %d tasks, %d per "
                "call...", which, step, num_tasks, outer.eval_batch_size)

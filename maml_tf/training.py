@@ -273,11 +273,27 @@ class Trainer:
     return self._functions["evaluate"]
 
   # ---------------------------------------------------------- checkpointing
-  def restore(self, checkpoint_path: str | None = None) -> int:
-    """Restores a checkpoint (default: the latest); returns the step."""
+  def restore(self, checkpoint_path: str | None = None,
+              weights_only: bool = False) -> int:
+    """Restores a checkpoint (default: the latest); returns the step.
+
+    Args:
+      checkpoint_path: a checkpoint prefix, e.g. from ``best_checkpoint/``.
+      weights_only: restore the learner and the step only (evaluation), not
+        the optimiser state.
+    """
     path = checkpoint_path or self.manager.latest_checkpoint
     if path:
-      self.checkpoint.restore(path).assert_existing_objects_matched()
+      objects = {"learner": self.learner, "step": self.step}
+      if not weights_only:
+        objects.update(optimizer=self.optimizer,
+                       nonfinite_steps=self.nonfinite_steps)
+      # A fresh Checkpoint object: best checkpoints are written with
+      # ``Checkpoint.write``, which stores no save counter.
+      status = tf.train.Checkpoint(**objects).restore(path)
+      status.assert_existing_objects_matched()
+      if weights_only:
+        status.expect_partial()
       logging.info("Restored %s (step %d).", path, int(self.step.numpy()))
     return int(self.step.numpy())
 

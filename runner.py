@@ -36,6 +36,10 @@ flags.DEFINE_string("data_path", None,
 flags.DEFINE_integer("seed", 0, "Seed for initialisation and task sampling.")
 flags.DEFINE_boolean("jit_compile", True,
                      "Compile meta-steps with XLA (tf.function(jit_compile)).")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "float16"],
+                  "Arithmetic of the MAML-family networks: float32, or mixed "
+                  "precision (bfloat16/float16 layers; float32 variables, "
+                  "inner updates, losses and batch-norm statistics).")
 flags.DEFINE_integer("num_classes", 5,
                      "N: classes per task (N-way). [maml, leo]")
 
@@ -198,6 +202,8 @@ def experiment_string() -> str:
     s += FLAGS.baseline
   s += {"batch_norm": "batchnorm", "layer_norm": "layernorm",
         "None": "nonorm"}[FLAGS.norm]
+  if FLAGS.precision != "float32":
+    s += f".{FLAGS.precision}"
   if FLAGS.model != "maml":
     s = f"{FLAGS.model}.{s}"
     # The variant's own options, where they differ from their defaults, so
@@ -328,11 +334,12 @@ def _build_model():
 
 
 def _family_model_kwargs() -> dict:
-  """Network options a family member needs: MAML++'s per-step batch-norm
+  """Network options: ``--precision``, and MAML++'s per-step batch-norm
   weights and biases learn a scale gamma too (HTTYM's MetaBatchNormLayer)."""
+  kwargs = {"compute_dtype": FLAGS.precision}
   if FLAGS.model == "mamlpp" and FLAGS.mamlpp_bnwb:
-    return {"norm_scale": True}
-  return {}
+    kwargs["norm_scale"] = True
+  return kwargs
 
 
 def _metasgd_init_range() -> tuple[float, float]:
@@ -630,6 +637,9 @@ def _leo_configs(data_path: str):
 
 
 def _leo_main() -> None:
+  if FLAGS.precision != "float32":
+    raise app.UsageError("--precision applies to the MAML-family models; LEO "
+                         "runs in float32 (or float64: --use_64bits_dtype).")
   demo = FLAGS.data_path is None
   data_path = _leo_apply_demo_defaults() if demo else FLAGS.data_path
   try:

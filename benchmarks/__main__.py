@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -42,7 +43,8 @@ def _run_one(spec: dict) -> dict:
   from maml_tf.tasks import TaskBatch
 
   workload = wl.workloads(spec.get("omniglot_cache"))[spec["workload"]]
-  learner = wl.build_learner(spec["algorithm"], workload, spec["xla"])
+  learner = wl.build_learner(spec["algorithm"], workload, spec["xla"],
+                             precision=spec.get("precision", "float32"))
   config = training.TrainConfig(
       run_dir=tempfile.mkdtemp(), num_iterations=1,
       meta_batch_size=workload.meta_batch_size,
@@ -78,7 +80,7 @@ def _run_one(spec: dict) -> dict:
   flops = measure.function_flops(fn, block, step) if spec["xla"] else None
   return {
       "workload": spec["workload"], "algorithm": spec["algorithm"],
-      "xla": spec["xla"], "meta_batch_size": workload.meta_batch_size,
+      "xla": spec["xla"], "precision": spec.get("precision", "float32"), "meta_batch_size": workload.meta_batch_size,
       "steps_per_call": k, "steps_per_s": steps_per_s,
       "ms_per_step": 1e3 / steps_per_s,
       "block_rates": [r * k for r in rates], "compile_s": compile_s,
@@ -89,19 +91,21 @@ def _run_one(spec: dict) -> dict:
 
 
 def _format_table(rows: list[dict], peak: float) -> str:
-  header = (f"{'workload':<13} {'algorithm':<9} {'xla':<4} {'steps/s':>9} "
+  header = (f"{'workload':<13} {'algorithm':<9} {'prec':<9} {'xla':<4} "
+            f"{'steps/s':>9} "
             f"{'ms/step':>9} {'compile s':>9} {'RSS MB':>7} {'input ms':>8} "
             f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>6}")
   lines = [header, "-" * len(header)]
   for r in rows:
     if "error" in r:
       lines.append(f"{r['workload']:<13} {r['algorithm']:<9} "
-                   f"{'on' if r['xla'] else 'off':<4} ERROR {r['error'][:80]}")
+                   f"{r['precision']:<9} {'on' if r['xla'] else 'off':<4} "
+                   f"ERROR {r['error'][:80]}")
       continue
     gflop = r.get("gflop_per_step")
     rate = gflop * r["steps_per_s"] if gflop else None
     lines.append(
-        f"{r['workload']:<13} {r['algorithm']:<9} "
+        f"{r['workload']:<13} {r['algorithm']:<9} {r['precision']:<9} "
         f"{'on' if r['xla'] else 'off':<4} {r['steps_per_s']:>9.2f} "
         f"{r['ms_per_step']:>9.3f} {r['compile_s']:>9.1f} "
         f"{r['peak_rss_mb']:>7.0f} {r['input_ms_per_step']:>8.2f} "
@@ -117,6 +121,8 @@ def main() -> None:
   parser.add_argument("--algorithms", default="maml,fomaml")
   parser.add_argument("--xla", default="on,off",
                       help="comma list of on/off")
+  parser.add_argument("--precisions", default="float32",
+                      help="comma list of float32/bfloat16/float16")
   parser.add_argument("--blocks", type=int, default=5)
   parser.add_argument("--block_seconds", type=float, default=2.0)
   parser.add_argument("--omniglot_cache", default=None,
@@ -133,29 +139,29 @@ def main() -> None:
   peak = measure.peak_matmul_gflops()
   print(f"peak float32 matmul (2048^3, XLA): {peak:.1f} GFLOP/s", flush=True)
   rows = []
-  for workload in args.workloads.split(","):
-    for algorithm in args.algorithms.split(","):
-      flops = None
-      for xla in args.xla.split(","):
-        spec = {"workload": workload, "algorithm": algorithm,
-                "xla": xla == "on", "blocks": args.blocks,
-                "block_seconds": args.block_seconds,
-                "omniglot_cache": args.omniglot_cache}
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks", "--one", json.dumps(spec)],
-            capture_output=True, text=True)
-        result = [l for l in proc.stdout.splitlines()
-                  if l.startswith("RESULT ")]
-        if proc.returncode or not result:
-          row = dict(spec, error=(proc.stderr.strip().splitlines() or
-                                  ["failed"])[-1])
-        else:
-          row = json.loads(result[0][len("RESULT "):])
-          if row["gflop_per_step"] is None:
-            row["gflop_per_step"] = flops  # same maths as the XLA row
-          flops = row["gflop_per_step"]
-        rows.append(row)
-        print(_format_table([row], peak).splitlines()[-1], flush=True)
+  flops = {}  # the XLA row's count, reused for the same maths without XLA
+  for workload, algorithm, precision, xla in itertools.product(
+      args.workloads.split(","), args.algorithms.split(","),
+      args.precisions.split(","), args.xla.split(",")):
+    spec = {"workload": workload, "algorithm": algorithm,
+            "precision": precision, "xla": xla == "on",
+            "blocks": args.blocks, "block_seconds": args.block_seconds,
+            "omniglot_cache": args.omniglot_cache}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--one", json.dumps(spec)],
+        capture_output=True, text=True)
+    result = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not result:
+      row = dict(spec, error=(proc.stderr.strip().splitlines() or
+                              ["failed"])[-1])
+    else:
+      row = json.loads(result[0][len("RESULT "):])
+      key = (workload, algorithm, precision)
+      if row["gflop_per_step"] is None:
+        row["gflop_per_step"] = flops.get(key)
+      flops[key] = row["gflop_per_step"]
+    rows.append(row)
+    print(_format_table([row], peak).splitlines()[-1], flush=True)
   table = _format_table(rows, peak)
   print("\n" + table)
   out = args.out or os.path.join(

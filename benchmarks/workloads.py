@@ -75,9 +75,10 @@ def workloads(omniglot_cache: str | None = None) -> dict[str, Workload]:
 
 
 def build_learner(algorithm: str, workload: Workload, jit_compile: bool,
-                  seed: int = 0):
+                  seed: int = 0, precision: str = "float32"):
   """A learner for ``algorithm`` on ``workload``."""
-  model = models.build(workload.model, seed=seed, **workload.model_kwargs)
+  model = models.build(workload.model, seed=seed, compute_dtype=precision,
+                       **workload.model_kwargs)
   common = dict(jit_compile=jit_compile)
   if algorithm in ("maml", "fomaml"):
     return maml_tf.MAML(model, workload.inner_lr, workload.inner_steps,

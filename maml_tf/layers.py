@@ -227,6 +227,11 @@ class BatchNorm(FunctionalLayer):
     return y
 
   def forward(self, params, x, step=0, training=True):
+    if x.dtype in (tf.bfloat16, tf.float16):
+      # Mixed precision: statistics and normalisation in float32.
+      y = self.forward([tf.cast(p, tf.float32) for p in params],
+                       tf.cast(x, tf.float32), step, training)
+      return tf.cast(y, x.dtype)
     axes = list(range(1, len(x.shape) - 1))
     mean, variance = exact_moments(x, axes)
     if _STATISTICS_HOOKS:
@@ -254,6 +259,10 @@ class LayerNorm(FunctionalLayer):
                                 initializer="zeros")
 
   def forward(self, params, x, step=0, training=True):
+    if x.dtype in (tf.bfloat16, tf.float16):  # statistics in float32
+      y = self.forward([tf.cast(p, tf.float32) for p in params],
+                       tf.cast(x, tf.float32), step, training)
+      return tf.cast(y, x.dtype)
     gamma, beta = params
     mean, variance = exact_moments(x, list(range(2, len(x.shape))))
     expand = (slice(None),) + (None,) * (len(x.shape) - 2) + (slice(None),)

@@ -45,11 +45,27 @@ class MetaModel(keras.Model):
   """
 
   def __init__(self, example_shape: Sequence[int], num_outputs: int,
-               task_type: str, **kwargs):
+               task_type: str, compute_dtype: str | None = None, **kwargs):
     super().__init__(**kwargs)
     self.example_shape = tuple(int(d) for d in example_shape)
     self.num_outputs = int(num_outputs)
     self.task_type = task_type
+    if compute_dtype not in (None, "float32", "float64", "bfloat16",
+                             "float16"):
+      raise ValueError(f"--precision={compute_dtype!r}: expected float32, "
+                       "bfloat16 or float16")
+    self.compute_dtype_name = compute_dtype
+
+  def compute_cast(self, params: Sequence[tf.Tensor], x: tf.Tensor):
+    """Casts weights and inputs to the compute dtype (mixed precision).
+
+    Variables, fast weights and inner updates stay in the variables' dtype;
+    only the layers' arithmetic runs in ``compute_dtype`` (bfloat16/float16),
+    and outputs come back in the variables' dtype (``apply_head``), so losses
+    and gradients accumulate in full precision.
+    """
+    dtype = tf.as_dtype(self.compute_dtype_name or params[0].dtype)
+    return [tf.cast(p, dtype) for p in params], tf.cast(x, dtype)
 
   def _finish_build(self, functional_layers: Sequence[L.FunctionalLayer]):
     """Records which entries of ``trainable_variables`` belong to each layer."""
@@ -105,8 +121,11 @@ class MetaModel(keras.Model):
     ``params`` is the full list aligned with ``trainable_variables``; only the
     head's entries are read (ANIL adapts just these).
     """
-    return self.head.forward(self.layer_params(self.head, params), features,
-                             step, training)
+    variable_dtype = params[0].dtype
+    params, features = self.compute_cast(params, features)
+    out = self.head.forward(self.layer_params(self.head, params), features,
+                            step, training)
+    return tf.cast(out, variable_dtype)
 
   def tile_params(self, num_tasks) -> list[tf.Tensor]:
     """This model's variables broadcast to ``[num_tasks, *shape]``.
@@ -126,9 +145,10 @@ class MLP(MetaModel):
 
   def __init__(self, input_dim: int, hidden: Sequence[int], num_outputs: int,
                task_type: str, norm: str = "None", seed: int | None = None,
-               dtype=None, name: str | None = None, norm_scale: bool = False):
+               dtype=None, name: str | None = None, norm_scale: bool = False,
+               compute_dtype: str | None = None):
     super().__init__((input_dim,), num_outputs, task_type, name=name,
-                     dtype=dtype)
+                     dtype=dtype, compute_dtype=compute_dtype)
     self.hidden = tuple(hidden)
 
     def init(i):
@@ -158,7 +178,7 @@ class MLP(MetaModel):
                        [self.head])
 
   def body(self, params, x, step=0, training=True):
-    h = tf.cast(x, params[0].dtype)
+    params, h = self.compute_cast(params, x)
     h = tf.reshape(h, [tf.shape(h)[0], tf.shape(h)[1], self.example_shape[0]])
     for dense, norm in zip(self.dense_layers, self.norm_layers):
       h = dense.forward(self.layer_params(dense, params), h, step, training)
@@ -181,9 +201,9 @@ class Conv4(MetaModel):
                num_filters: int, max_pool: bool, pooling: str,
                head_initializer: str, norm: str = "batch_norm",
                seed: int | None = None, dtype=None, name: str | None = None,
-               norm_scale: bool = False):
+               norm_scale: bool = False, compute_dtype: str | None = None):
     super().__init__(image_shape, num_classes, CLASSIFICATION, name=name,
-                     dtype=dtype)
+                     dtype=dtype, compute_dtype=compute_dtype)
     if pooling not in ("mean", "flatten"):
       raise ValueError(f"pooling must be 'mean' or 'flatten', got {pooling!r}")
     self.max_pool = max_pool
@@ -229,7 +249,7 @@ class Conv4(MetaModel):
     With ``return_blocks`` also returns each block's output ``[T, B, h, w, C]``
     (for representation analysis).
     """
-    h = tf.cast(x, params[0].dtype)
+    params, h = self.compute_cast(params, x)
     h = tf.reshape(h, tf.concat([tf.shape(h)[:2], self.example_shape], 0))
     blocks = []
     for conv, norm in zip(self.conv_layers, self.norm_layers):
@@ -287,7 +307,8 @@ def build(name: str, **kwargs) -> MetaModel:
     **kwargs: overrides: ``num_classes``, ``norm`` ('batch_norm', 'layer_norm',
       'None'), ``num_filters``, ``max_pool``, ``image_shape``, ``hidden``,
       ``input_dim``, ``seed`` (initialiser seed), ``dtype`` ('float32' or
-      'float64'), ``norm_scale`` (batch norm also learns a scale gamma; the
+      'float64'), ``compute_dtype`` (mixed precision: 'bfloat16' or 'float16'
+      arithmetic with float32 variables), ``norm_scale`` (batch norm also learns a scale gamma; the
       original learns only the offset beta, MAML++ learns both). The sinusoid
       MLP defaults to ``norm='None'`` (the paper's command), the others to the
       original flag default 'batch_norm'.

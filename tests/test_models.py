@@ -72,3 +72,29 @@ def test_float64_build_and_seeded_initialisation():
 def test_unknown_model_name():
   with pytest.raises(ValueError, match="unknown model 'conv5'"):
     models.build("conv5")
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_keeps_float32_weights_and_outputs(precision):
+  """Layers compute in 16 bits; variables, fast weights and outputs stay
+  float32, and the result is close to the float32 network's."""
+  full = models.build("conv4_omniglot", num_filters=8, seed=0)
+  mixed = models.build("conv4_omniglot", num_filters=8, seed=0,
+                       compute_dtype=precision)
+  x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
+  params = mixed.tile_params(2)
+  out = mixed.forward(params, np.stack([x, x]))
+  assert out.dtype == tf.float32 and params[0].dtype == tf.float32
+  ref = full(x).numpy()
+  np.testing.assert_allclose(out.numpy()[0], ref, rtol=0.1, atol=0.1)
+  assert not np.allclose(out.numpy()[0], ref, rtol=1e-6, atol=1e-6)
+  with tf.GradientTape() as tape:
+    tape.watch(params)
+    loss = tf.reduce_sum(mixed.forward(params, np.stack([x, x])))
+  grads = tape.gradient(loss, params)
+  assert all(g.dtype == tf.float32 for g in grads)
+
+
+def test_unknown_precision_is_named():
+  with pytest.raises(ValueError, match="--precision='int8'"):
+    models.build("mlp_sinusoid", compute_dtype="int8")

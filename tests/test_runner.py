@@ -39,21 +39,23 @@ def test_train_test_resume_and_test_mode(tmp_path):
   flags = json.loads((run_dir / "flags.json").read_text())
   assert flags["metatrain_iterations"] == 200
 
-  # Resume: a longer run continues from step 200.
+  # Resume: a longer run continues from step 200. (The later invocations
+  # test resume and test-mode logic, not XLA: they skip its compile time.)
   proc = run(SINE + [f"--logdir={logdir}", "--metatrain_iterations=300",
-                     "--num_test_tasks=40", "--test_after_train=False"])
+                     "--num_test_tasks=40", "--test_after_train=False",
+                     "--jit_compile=False"])
   assert "step 200" in proc.stderr and "Meta-training from step 200" in proc.stderr
   assert (run_dir / "checkpoints" / "model-300.index").exists()
 
   # Test mode with --test_iter loads that checkpoint; val split by default.
   proc = run(SINE + [f"--logdir={logdir}", "--train=False", "--test_iter=200",
-                     "--num_test_tasks=40"])
+                     "--num_test_tasks=40", "--jit_compile=False"])
   assert "val results after 200 iterations" in proc.stdout
   assert (run_dir / "val_ubs10_stepsize0.01.csv").exists()
 
   # --flagfile reproduces the run directory from the saved flags.
   proc = run([f"--flagfile={run_dir / 'flags.txt'}", "--train=False",
-              "--test_set=True", "--num_test_tasks=40"])
+              "--test_set=True", "--num_test_tasks=40", "--jit_compile=False"])
   assert "test results after 300 iterations" in proc.stdout
 
 

@@ -155,7 +155,7 @@ def evaluate(evaluate_fn: Callable, source, num_tasks: int, batch_size: int,
     call has the same shape (one compilation).
   """
   fn = (evaluate_fn if jit_compile is None else
-        tf.function(evaluate_fn, jit_compile=jit_compile))
+        tf.function(evaluate_fn, jit_compile=jit_compile, autograph=False))
   parts: dict[str, list] = {}
   start = time.time()
   done, index = 0, start_index

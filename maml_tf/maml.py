@@ -403,7 +403,8 @@ class MAML(tf.Module):
     if not self.use_tf_function:
       return fn
     if name not in self._compiled:
-      self._compiled[name] = tf.function(fn, jit_compile=self.jit_compile)
+      self._compiled[name] = tf.function(fn, jit_compile=self.jit_compile,
+                                            autograph=False)
     return self._compiled[name]
 
   def _meta_gradients(self, batch: TaskBatch, step=None):

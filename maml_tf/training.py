@@ -247,7 +247,8 @@ class Trainer:
     if key not in self._functions:
       spec = TaskBatch(*(tf.TensorSpec(t.shape, t.dtype) for t in batch))
       fn = tf.function(
-          lambda b: self._objective(pretrain)(b, tf.constant(0, tf.int64))[1])
+          lambda b: self._objective(pretrain)(b, tf.constant(0, tf.int64))[1],
+          autograph=False)
       outputs = fn.get_concrete_function(spec).structured_outputs
       self._functions[key] = sorted(list(outputs) + ["loss"])
     return self._functions[key]
@@ -261,15 +262,19 @@ class Trainer:
     """
     key = ("train", pretrain)
     if key not in self._functions:
+      # No autograph: the learners' Python loops run over static ranges and
+      # their loops/conditionals are explicit tf.while_loop/tf.cond, so
+      # converting the code would only cost tracing time.
       self._functions[key] = tf.function(
           lambda block, step: self._block(block, step, pretrain),
-          jit_compile=self.config.jit_compile)
+          jit_compile=self.config.jit_compile, autograph=False)
     return self._functions[key]
 
   def _evaluate_function(self) -> Callable:
     if "evaluate" not in self._functions:
       self._functions["evaluate"] = tf.function(
-          self.learner.evaluate, jit_compile=self.config.jit_compile)
+          self.learner.evaluate, jit_compile=self.config.jit_compile,
+          autograph=False)
     return self._functions["evaluate"]
 
   # ---------------------------------------------------------- checkpointing

@@ -60,6 +60,8 @@ def _run_one(spec: dict) -> dict:
   batches = [source.batch(i, workload.meta_batch_size) for i in range(8)]
   input_ms = (time.perf_counter() - start) / len(batches) * 1e3
 
+  if workload.evaluation:
+    return _run_evaluation(spec, workload, learner, batches, input_ms)
   k = workload.steps_per_call
   block = TaskBatch(*(tf.constant(np.stack([batches[i % len(batches)][f]
                                             for i in range(k)]))
@@ -90,12 +92,46 @@ def _run_one(spec: dict) -> dict:
   }
 
 
+def _run_evaluation(spec, workload, learner, batches, input_ms) -> dict:
+  """Test-evaluation throughput: tasks/s of ``learner.evaluate``."""
+  import numpy as np
+  import tensorflow as tf
+
+  from benchmarks import measure
+  from maml_tf.tasks import TaskBatch
+  fn = tf.function(learner.evaluate, jit_compile=spec["xla"], autograph=False)
+  batch = TaskBatch(*(tf.constant(t) for t in batches[0]))
+  start = time.perf_counter()
+  fn(batch)["query_accuracy"].numpy()
+  compile_s = time.perf_counter() - start
+  fn(batch)["query_accuracy"].numpy()
+  rates = measure.timed_blocks(lambda: fn(batch),
+                               lambda o: o["query_accuracy"].numpy(),
+                               spec["block_seconds"], spec["blocks"])
+  tasks_per_s = float(np.median(rates)) * workload.meta_batch_size
+  flops = measure.function_flops(fn, batch) if spec["xla"] else None
+  return {
+      "workload": spec["workload"], "algorithm": spec["algorithm"],
+      "xla": spec["xla"], "precision": spec.get("precision", "float32"),
+      "meta_batch_size": workload.meta_batch_size, "steps_per_call": 1,
+      # one "step" = one task here
+      "steps_per_s": tasks_per_s, "ms_per_step": 1e3 / tasks_per_s,
+      "block_rates": [r * workload.meta_batch_size for r in rates],
+      "compile_s": compile_s, "peak_rss_mb": measure.peak_rss_mb(),
+      "input_ms_per_step": input_ms / workload.meta_batch_size,
+      "gflop_per_step": (None if flops is None else
+                         flops / 1e9 / workload.meta_batch_size),
+      "unit": "tasks",
+  }
+
+
 def _format_table(rows: list[dict], peak: float) -> str:
   header = (f"{'workload':<13} {'algorithm':<9} {'prec':<9} {'xla':<4} "
-            f"{'steps/s':>9} "
+            f"{'steps/s*':>9} "
             f"{'ms/step':>9} {'compile s':>9} {'RSS MB':>7} {'input ms':>8} "
             f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>6}")
   lines = [header, "-" * len(header)]
+  notes = "* leo_test: tasks/s, ms per task, GFLOP per task"
   for r in rows:
     if "error" in r:
       lines.append(f"{r['workload']:<13} {r['algorithm']:<9} "
@@ -112,13 +148,19 @@ def _format_table(rows: list[dict], peak: float) -> str:
         f"{gflop if gflop else float('nan'):>10.4f} "
         f"{rate if rate else float('nan'):>8.1f} "
         f"{100 * rate / peak if rate else float('nan'):>6.1f}")
+  if any(r.get("unit") == "tasks" for r in rows):
+    lines.append(notes)
   return "\n".join(lines)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workloads", default="sinusoid,omniglot,miniimagenet")
-  parser.add_argument("--algorithms", default="maml,fomaml")
+  parser.add_argument(
+      "--workloads",
+      default="sinusoid,omniglot,miniimagenet,leo_1shot,leo_5shot,leo_test")
+  parser.add_argument("--algorithms",
+                      default="maml,fomaml,anil,metasgd,mamlpp",
+                      help="MAML-family algorithms; LEO workloads run LEO")
   parser.add_argument("--xla", default="on,off",
                       help="comma list of on/off")
   parser.add_argument("--precisions", default="float32",
@@ -140,9 +182,19 @@ def main() -> None:
   print(f"peak float32 matmul (2048^3, XLA): {peak:.1f} GFLOP/s", flush=True)
   rows = []
   flops = {}  # the XLA row's count, reused for the same maths without XLA
-  for workload, algorithm, precision, xla in itertools.product(
-      args.workloads.split(","), args.algorithms.split(","),
-      args.precisions.split(","), args.xla.split(",")):
+  from benchmarks import workloads as wl
+  known = wl.workloads()
+  configs = []
+  for workload in args.workloads.split(","):
+    if workload not in known:
+      parser.error(f"--workloads: unknown workload {workload!r}; expected "
+                   f"some of {','.join(known)}")
+    algorithms = [a for a in args.algorithms.split(",")
+                  if a in known[workload].algorithms] or ["leo"]
+    configs += itertools.product([workload], algorithms,
+                                 args.precisions.split(","),
+                                 args.xla.split(","))
+  for workload, algorithm, precision, xla in configs:
     spec = {"workload": workload, "algorithm": algorithm,
             "precision": precision, "xla": xla == "on",
             "blocks": args.blocks, "block_seconds": args.block_seconds,

@@ -1,6 +1,6 @@
 """The benchmarked workloads and algorithms.
 
-Each workload is the paper setting (or the one performance.md measured):
+Each workload is a paper setting (or the one performance.md measured):
 
 * ``sinusoid``: 1-40-40-1 MLP, K=10 support + 10 query, meta-batch 25,
   1 inner step (lr 0.01), second order.
@@ -8,10 +8,15 @@ Each workload is the paper setting (or the one performance.md measured):
   meta-batch 32, 1 query per class, 1 inner step (lr 0.4), second order.
 * ``miniimagenet``: 5-way 1-shot, conv4 (32 filters, max-pool), meta-batch 4,
   15 queries per class, 5 inner steps (lr 0.01), gradient clip 10.
+* ``leo_1shot`` / ``leo_5shot``: LEO on 640-d embeddings, 5-way, meta-batch
+  12, 15 queries per class, the original's defaults (5 latent + 5 fine-tuning
+  steps).
+* ``leo_test``: LEO's test evaluation, tasks with all 599 remaining queries per
+  class, 10 tasks per compiled call; the figure is tasks/s.
 
-Image workloads sample from an in-memory uint8 array of the real image shape,
-so the input-time figure is the real sampler's cost (with ``--omniglot_cache``
-the benchmark reads a prepared cache instead).
+Image workloads sample from an in-memory uint8 array of the real image shape
+(or a prepared cache with ``--omniglot_cache``) and LEO workloads from the
+synthetic embeddings, so the input figure is the real sampler's cost.
 """
 
 from __future__ import annotations
@@ -26,25 +31,48 @@ from maml_tf import models
 from maml_tf.class_tasks import ClassDataset, FewShotConfig, FewShotTasks
 from maml_tf.sinusoid import SinusoidConfig, SinusoidTasks
 
+MAML_FAMILY = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
+  """One benchmarked setting.
+
+  Attributes:
+    name: workload name.
+    meta_batch_size: tasks per meta-step (or per evaluation call).
+    steps_per_call: meta-steps per compiled call.
+    clip_value: gradient clip by value (0: off).
+    source: builds the task source.
+    model: ``maml_tf.models`` name (MAML family) or None (LEO).
+    model_kwargs: ``models.build`` options.
+    inner_lr, inner_steps: the MAML-family inner loop.
+    leo_shots: K for LEO workloads.
+    evaluation: time test evaluation (tasks/s) instead of meta-steps.
+  """
+
   name: str
-  model: str
-  model_kwargs: dict
   meta_batch_size: int
-  inner_lr: float
-  inner_steps: int
   steps_per_call: int
   clip_value: float
   source: Callable[[], object]
+  model: str | None = None
+  model_kwargs: dict = dataclasses.field(default_factory=dict)
+  inner_lr: float = 0.0
+  inner_steps: int = 0
+  leo_shots: int = 0
+  evaluation: bool = False
+
+  @property
+  def algorithms(self) -> tuple[str, ...]:
+    return MAML_FAMILY if self.model else ("leo",)
 
 
 def _image_source(shape, num_classes, per_class, ways, shots, queries, rotate,
                   cache=None):
   def make():
     if cache:
-      from maml_tf import image_data  # prepared cache (issue 3 format)
+      from maml_tf import image_data  # a prepared cache (issue 3's format)
       dataset = image_data.load_cache(cache)["train"]
     else:
       rng = np.random.default_rng(0)
@@ -59,31 +87,63 @@ def _image_source(shape, num_classes, per_class, ways, shots, queries, rotate,
   return make
 
 
+def _leo_source(shots, queries, per_class=600):
+  def make():
+    from leo import data, synthetic
+    splits = synthetic.generate(synthetic.SyntheticConfig(
+        examples_per_class=per_class))
+    split = "test" if queries > 15 else "train"
+    dataset = data.dataset_from_arrays(**splits[split])
+    return data.task_source(dataset, split, 5, shots, queries)
+  return make
+
+
 def workloads(omniglot_cache: str | None = None) -> dict[str, Workload]:
   return {
       "sinusoid": Workload(
-          "sinusoid", "mlp_sinusoid", {}, 25, 0.01, 1, 100, 0.0,
-          lambda: SinusoidTasks(SinusoidConfig(num_shots=10))),
+          "sinusoid", 25, 100, 0.0,
+          lambda: SinusoidTasks(SinusoidConfig(num_shots=10)),
+          model="mlp_sinusoid", inner_lr=0.01, inner_steps=1),
       "omniglot": Workload(
-          "omniglot", "conv4_omniglot", {"num_classes": 5}, 32, 0.4, 1, 1,
-          0.0, _image_source((28, 28, 1), 150, 20, 5, 1, 1, True,
-                             omniglot_cache)),
+          "omniglot", 32, 1, 0.0,
+          _image_source((28, 28, 1), 150, 20, 5, 1, 1, True, omniglot_cache),
+          model="conv4_omniglot", model_kwargs={"num_classes": 5},
+          inner_lr=0.4, inner_steps=1),
       "miniimagenet": Workload(
-          "miniimagenet", "conv4_miniimagenet", {"num_classes": 5}, 4, 0.01, 5,
-          1, 10.0, _image_source((84, 84, 3), 16, 40, 5, 1, 15, False)),
+          "miniimagenet", 4, 1, 10.0,
+          _image_source((84, 84, 3), 16, 40, 5, 1, 15, False),
+          model="conv4_miniimagenet", model_kwargs={"num_classes": 5},
+          inner_lr=0.01, inner_steps=5),
+      "leo_1shot": Workload("leo_1shot", 12, 1, 0.1, _leo_source(1, 15),
+                            leo_shots=1),
+      "leo_5shot": Workload("leo_5shot", 12, 1, 0.1, _leo_source(5, 15),
+                            leo_shots=5),
+      "leo_test": Workload("leo_test", 10, 1, 0.0, _leo_source(1, 599),
+                           leo_shots=1, evaluation=True),
   }
 
 
 def build_learner(algorithm: str, workload: Workload, jit_compile: bool,
                   seed: int = 0, precision: str = "float32"):
-  """A learner for ``algorithm`` on ``workload``."""
+  """A learner for ``algorithm`` on ``workload`` (the runner's defaults)."""
+  if algorithm == "leo":
+    from leo.config import ModelConfig
+    from leo.model import LEO
+    return LEO(ModelConfig(seed=seed))
+  kwargs = dict(workload.model_kwargs)
+  if algorithm == "mamlpp":
+    kwargs["norm_scale"] = True  # per-step batch-norm weights and biases
   model = models.build(workload.model, seed=seed, compute_dtype=precision,
-                       **workload.model_kwargs)
+                       **kwargs)
   common = dict(jit_compile=jit_compile)
+  lr, steps = workload.inner_lr, workload.inner_steps
   if algorithm in ("maml", "fomaml"):
-    return maml_tf.MAML(model, workload.inner_lr, workload.inner_steps,
-                        first_order=algorithm == "fomaml", **common)
+    return maml_tf.MAML(model, lr, steps, first_order=algorithm == "fomaml",
+                        **common)
+  if algorithm == "anil":
+    return maml_tf.ANIL(model, lr, steps, **common)
+  if algorithm == "metasgd":
+    return maml_tf.MetaSGD(model, steps, seed=seed, **common)
+  if algorithm == "mamlpp":
+    return maml_tf.MAMLPlusPlus(model, lr, steps, **common)
   raise ValueError(f"unknown algorithm {algorithm!r}")
-
-
-ALGORITHMS = ("maml", "fomaml")

@@ -190,12 +190,15 @@ class FewShotTasks:
     n, k, q = c.num_classes, c.num_shots, c.num_query
     sampled = [self.sample_task(int(t)) for t in task_ids(index, num_tasks)]
     rows = np.stack([s[0] for s in sampled])  # [T, N, K+Q]
-    # Gather in sorted order (memmap-friendly), then restore the task order.
     flat = rows.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    gathered = np.empty((flat.size,) + self.dataset.example_shape,
-                        self.dataset.examples.dtype)
-    gathered[order] = self.dataset.examples[flat[order]]
+    if isinstance(self.dataset.examples, np.memmap):
+      # Read a memory-mapped cache in file order, then restore task order.
+      order = np.argsort(flat, kind="stable")
+      gathered = np.empty((flat.size,) + self.dataset.example_shape,
+                          self.dataset.examples.dtype)
+      gathered[order] = self.dataset.examples[flat[order]]
+    else:
+      gathered = np.take(self.dataset.examples, flat, axis=0)
     x = gathered.reshape(rows.shape + self.dataset.example_shape)
     if c.rotate or self.dataset.class_rotations is not None:
       for t, (_, _, rot) in enumerate(sampled):

@@ -11,6 +11,8 @@ CI are then taken over the finite tasks, and the median counts diverged tasks as
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import csv
 import io
 import json
@@ -158,14 +160,20 @@ def evaluate(evaluate_fn: Callable, source, num_tasks: int, batch_size: int,
         tf.function(evaluate_fn, jit_compile=jit_compile, autograph=False))
   parts: dict[str, list] = {}
   start = time.time()
-  done, index = 0, start_index
-  while done < num_tasks:
-    batch = source.batch(index, batch_size)
-    out = fn(type(batch)(*(tf.convert_to_tensor(t) for t in batch)))
-    keep = min(batch_size, num_tasks - done)
-    for k, v in out.items():
-      parts.setdefault(k, []).append(np.asarray(v)[:keep])
-    done += keep
-    index += 1
+  num_batches = -(-num_tasks // batch_size)
+  # Sample the next batches on a thread while the current one is evaluated.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pending = collections.deque(
+        pool.submit(source.batch, start_index + i, batch_size)
+        for i in range(min(2, num_batches)))
+    for i in range(num_batches):
+      batch = pending.popleft().result()
+      if i + 2 < num_batches:
+        pending.append(pool.submit(source.batch, start_index + i + 2,
+                                   batch_size))
+      out = fn(type(batch)(*(tf.convert_to_tensor(t) for t in batch)))
+      keep = min(batch_size, num_tasks - i * batch_size)
+      for k, v in out.items():
+        parts.setdefault(k, []).append(np.asarray(v)[:keep])
   values = {k: np.concatenate(v, axis=0) for k, v in parts.items()}
   return EvalResult(values, time.time() - start)

@@ -14,8 +14,9 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -158,3 +159,16 @@ def seeded_shuffle(names: Sequence[str], seed: int) -> list[str]:
   order = sorted(names)
   random.Random(seed).shuffle(order)
   return order
+
+
+def run_main(name: str, parse_args: Callable, prepare: Callable,
+             argv: Sequence[str] | None) -> int:
+  """The body of every ``data_prep`` command: parse, prepare, and report a
+  ``PrepError`` as one line on stderr with exit status 2."""
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  try:
+    prepare(parse_args(argv))
+  except PrepError as e:
+    print(f"data_prep.{name}: error: {e}", file=sys.stderr)
+    return 2
+  return 0

@@ -36,7 +36,8 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from data_prep.cache import CacheWriter, PrepError, check_output, file_sha256
+from data_prep.cache import (CacheWriter, PrepError, check_output, file_sha256,
+                             run_main)
 
 SPLITS = ("train", "val", "test")
 SIZE = 84
@@ -233,13 +234,7 @@ def parse_args(argv: Sequence[str] | None = None) -> MiniImageNetPrepConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    prepare(parse_args(argv))
-  except PrepError as e:
-    print(f"data_prep.miniimagenet: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_main("miniimagenet", parse_args, prepare, argv)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import PIL
 from PIL import Image
 
 from data_prep.cache import (CacheWriter, PrepError, check_output, file_sha256,
-                             seeded_shuffle)
+                             run_main, seeded_shuffle)
 
 FULL = ("images_background", "images_evaluation")
 SMALL = ("images_background_small1", "images_background_small2")
@@ -333,13 +333,7 @@ def parse_args(argv: Sequence[str] | None = None) -> OmniglotPrepConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    prepare(parse_args(argv))
-  except PrepError as e:
-    print(f"data_prep.omniglot: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_main("omniglot", parse_args, prepare, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep.cache import CacheWriter, PrepError, check_output
+from data_prep.cache import CacheWriter, PrepError, check_output, run_main
 
 SIZE = 28
 RATIOS = (60, 20, 20)
@@ -156,13 +156,7 @@ def parse_args(argv: Sequence[str] | None = None) -> QuickDrawPrepConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    prepare(parse_args(argv))
-  except PrepError as e:
-    print(f"data_prep.quickdraw: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_main("quickdraw", parse_args, prepare, argv)
 
 
 if __name__ == "__main__":

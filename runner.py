@@ -434,6 +434,8 @@ def _evaluate_and_report(learner, trainer, source, split: str) -> None:
   result.warn_nonfinite()
   basename = (f"{split}_ubs{FLAGS.update_batch_size}"
               f"_stepsize{_float_str(FLAGS.update_lr)}")
+  if not FLAGS.train and FLAGS.test_iter > 0:  # keep the final results
+    basename += f"_iter{FLAGS.test_iter}"
   paths = result.write(trainer.config.run_dir, basename)
   step = int(trainer.step.numpy())
   table = result.table()

@@ -51,7 +51,7 @@ def test_train_test_resume_and_test_mode(tmp_path):
   proc = run(SINE + [f"--logdir={logdir}", "--train=False", "--test_iter=200",
                      "--num_test_tasks=40", "--jit_compile=False"])
   assert "val results after 200 iterations" in proc.stdout
-  assert (run_dir / "val_ubs10_stepsize0.01.csv").exists()
+  assert (run_dir / "val_ubs10_stepsize0.01_iter200.csv").exists()
 
   # --flagfile reproduces the run directory from the saved flags.
   proc = run([f"--flagfile={run_dir / 'flags.txt'}", "--train=False",

@@ -20,6 +20,7 @@ Results are printed as a table and written as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -43,6 +44,9 @@ def _run_one(spec: dict) -> dict:
   from maml_tf.tasks import TaskBatch
 
   workload = wl.workloads(spec.get("omniglot_cache"))[spec["workload"]]
+  if spec.get("steps_per_call"):
+    workload = dataclasses.replace(workload,
+                                   steps_per_call=spec["steps_per_call"])
   learner = wl.build_learner(spec["algorithm"], workload, spec["xla"],
                              precision=spec.get("precision", "float32"))
   config = training.TrainConfig(
@@ -165,6 +169,9 @@ def main() -> None:
                       help="comma list of on/off")
   parser.add_argument("--precisions", default="float32",
                       help="comma list of float32/bfloat16/float16")
+  parser.add_argument("--steps_per_call", type=int, default=0,
+                      help="meta-steps per compiled call (0: each workload's "
+                      "default: 100 for sinusoid, else 1)")
   parser.add_argument("--blocks", type=int, default=5)
   parser.add_argument("--block_seconds", type=float, default=2.0)
   parser.add_argument("--omniglot_cache", default=None,
@@ -198,6 +205,7 @@ def main() -> None:
     spec = {"workload": workload, "algorithm": algorithm,
             "precision": precision, "xla": xla == "on",
             "blocks": args.blocks, "block_seconds": args.block_seconds,
+            "steps_per_call": args.steps_per_call,
             "omniglot_cache": args.omniglot_cache}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--one", json.dumps(spec)],

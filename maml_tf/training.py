@@ -237,7 +237,11 @@ class Trainer:
       return i + 1, {n: arrays[n].write(i, metrics[n]) for n in names}
 
     arrays = {n: tf.TensorArray(tf.float32, size=k) for n in names}
-    _, arrays = tf.while_loop(lambda i, _: i < k, body, (tf.constant(0), arrays))
+    # One iteration at a time: each step reads the variables the previous
+    # one updated. (Without XLA, TensorFlow's executor would otherwise start
+    # up to 10 iterations concurrently; XLA runs them in order anyway.)
+    _, arrays = tf.while_loop(lambda i, _: i < k, body, (tf.constant(0), arrays),
+                              parallel_iterations=1)
     return {n: a.stack() for n, a in arrays.items()}
 
   def _metric_names(self, batch: TaskBatch, pretrain: bool) -> list[str]:

@@ -27,3 +27,16 @@ def omniglot_archives():
                 "are in ../shared/data/omniglot on CI; the same code is "
                 "tested on generated archives)")
   return OMNIGLOT_DIR
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache(tmp_path_factory):
+  """A small Omniglot cache prepared from generated archives in the official
+  layout (read-only: tests that edit a cache copy it first)."""
+  from data_prep import omniglot
+  from tests import image_files
+  root = tmp_path_factory.mktemp("omniglot")
+  image_files.small_archives(root / "raw")
+  omniglot.prepare(omniglot.OmniglotPrepConfig(str(root / "raw"),
+                                               str(root / "cache")))
+  return root / "cache"

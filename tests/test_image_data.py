@@ -5,19 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from data_prep import miniimagenet, omniglot
+from data_prep import miniimagenet
 from maml_tf import image_data
 from maml_tf.class_tasks import ClassDataset, FewShotConfig, FewShotTasks
 from tests import image_files
-
-
-@pytest.fixture(scope="module")
-def omniglot_cache(tmp_path_factory):
-  root = tmp_path_factory.mktemp("omniglot")
-  image_files.small_archives(root / "raw")
-  omniglot.prepare(omniglot.OmniglotPrepConfig(str(root / "raw"),
-                                               str(root / "cache")))
-  return root / "cache"
 
 
 @pytest.fixture(scope="module")

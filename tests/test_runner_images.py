@@ -3,8 +3,6 @@ and the errors that name flags and paths."""
 
 import pytest
 
-from data_prep import omniglot
-from tests import image_files
 from tests.test_runner import run
 
 TINY = ["--model=maml", "--datasource=omniglot", "--num_filters=4",
@@ -14,17 +12,8 @@ TINY = ["--model=maml", "--datasource=omniglot", "--num_filters=4",
         "--summary_interval=10", "--print_interval=10", "--save_interval=10"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  root = tmp_path_factory.mktemp("omniglot")
-  image_files.small_archives(root / "raw")
-  omniglot.prepare(omniglot.OmniglotPrepConfig(str(root / "raw"),
-                                               str(root / "cache")))
-  return root / "cache"
-
-
-def test_train_then_test_mode_on_a_cache(cache, tmp_path):
-  args = TINY + [f"--data_path={cache}", f"--logdir={tmp_path}"]
+def test_train_then_test_mode_on_a_cache(omniglot_cache, tmp_path):
+  args = TINY + [f"--data_path={omniglot_cache}", f"--logdir={tmp_path}"]
   proc = run(args + ["--metatrain_iterations=20"])
   run_dir = tmp_path / "cls_5.mbs_2.ubs_1.numstep1.updatelr0.4hidden4batchnorm"
   assert "test results after 20 iterations (4 tasks" in proc.stdout
@@ -35,8 +24,8 @@ def test_train_then_test_mode_on_a_cache(cache, tmp_path):
 
 
 @pytest.mark.slow  # ~30 s: another TF start-up and trace for one branch
-def test_fully_connected_net(cache, tmp_path):
-  proc = run(TINY + [f"--data_path={cache}", f"--logdir={tmp_path}",
+def test_fully_connected_net(omniglot_cache, tmp_path):
+  proc = run(TINY + [f"--data_path={omniglot_cache}", f"--logdir={tmp_path}",
                      "--conv=False", "--metatrain_iterations=10"])
   assert "test results after 10 iterations" in proc.stdout
 
@@ -53,9 +42,11 @@ def test_fully_connected_net(cache, tmp_path):
      ["holds 'omniglot', not 'quickdraw'"]),
     (["--datasource=imagenet"], ["--datasource='imagenet': expected"]),
 ])
-def test_errors_name_flags_and_paths(cache, tmp_path, extra, messages):
+def test_errors_name_flags_and_paths(omniglot_cache, tmp_path, extra, messages):
   args = TINY + [f"--logdir={tmp_path}", "--metatrain_iterations=1"]
-  proc = run(args + [a.format(cache=cache) for a in extra], check=False)
+  proc = run(args + [a.format(cache=omniglot_cache) for a in extra],
+             check=False)
   assert proc.returncode != 0
   for message in messages:
-    assert message.format(cache=cache) in proc.stderr, proc.stderr[-2000:]
+    assert (message.format(cache=omniglot_cache) in proc.stderr
+            ), proc.stderr[-2000:]

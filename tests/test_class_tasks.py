@@ -64,6 +64,23 @@ def test_rotation_is_per_class_and_task():
   assert len(corners) == 4  # all four rotations occur
 
 
+@pytest.mark.parametrize("layout", ["shot_major", CLASS_MAJOR])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_tensor_batch_is_batch_as_tensors(layout, rotate):
+  tasks = FewShotTasks(toy_dataset(), FewShotConfig(
+      5, 2, 3, layout=layout, rotate=rotate, seed=3))
+  # TF gathers from the split as one tensor unless host-side work is needed.
+  assert tasks.gathers_in_tf == (not rotate)
+  expected = tasks.batch(2, 4)
+  got = tasks.tensor_batch(2, 4)
+  for e, g in zip(expected, got):
+    assert g.dtype.as_numpy_dtype == e.dtype
+    np.testing.assert_array_equal(g.numpy(), e)
+  # The numpy path reads the same split afterwards (a view of the tensor).
+  for e, again in zip(expected, tasks.batch(2, 4)):
+    np.testing.assert_array_equal(again, e)
+
+
 def test_deterministic_by_task_id():
   tasks = FewShotTasks(toy_dataset(), FewShotConfig(5, 1, 1, seed=2))
   np.testing.assert_array_equal(tasks.batch(1, 4).support_x[2],

@@ -115,6 +115,18 @@ def test_original_format_loads_and_indexes_by_class(tmp_path):
   assert val.batch(0, 2).query_x.shape == (2, 3 * 7, WIDTH)
 
 
+def test_embeddings_are_normalised_once_as_the_original_does_per_batch():
+  raw = small_splits()["train"]
+  before = raw["embeddings"].copy()
+  dataset = data.dataset_from_arrays(**raw)
+  np.testing.assert_array_equal(raw["embeddings"], before)  # a copy
+  # tf.nn.l2_normalize(x, axis=-1) of every row, as get_instance applies it.
+  np.testing.assert_allclose(
+      dataset.examples,
+      before / np.linalg.norm(before, axis=-1, keepdims=True), rtol=1e-6)
+  assert data.task_source(dataset, "train", 5, 1, 1).gathers_in_tf
+
+
 def test_npz_and_every_pickle_flavour_give_the_same_tasks(tmp_path):
   splits = small_splits()
   roots = [write_dataset(tmp_path / "npz", splits, fmt="npz")]

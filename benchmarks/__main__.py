@@ -33,6 +33,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import maml_tf  # noqa: E402,F401  (before TensorFlow: sets TF_ENABLE_ONEDNN_OPTS)
+
 
 def _run_one(spec: dict) -> dict:
   import numpy as np

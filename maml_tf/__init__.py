@@ -14,6 +14,16 @@ Attributes are imported lazily, so tools that only need the data utilities
 """
 
 import importlib
+import os
+import sys
+
+# TensorFlow 2.21's oneDNN kernels for batched matmul/einsum corrupt the heap
+# now and then (tensorflow#117700, #123109): without XLA, about one run in 25
+# of a short meta-training crashed here (SIGSEGV/SIGABRT in MklEinsum). Turn
+# them off unless the user chose; TF reads this once, when it is imported.
+# XLA-compiled steps do not use these kernels and are unaffected.
+if "tensorflow" not in sys.modules:
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 _EXPORTS = {
     "ANIL": ("maml_tf.anil", "ANIL"),

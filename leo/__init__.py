@@ -8,3 +8,5 @@ Modules:
   experiment: the original's train / validate / test protocol.
   synthetic: a synthetic embeddings set in the original format (the demo).
 """
+
+import maml_tf  # noqa: F401  (before TensorFlow: sets TF_ENABLE_ONEDNN_OPTS)

@@ -247,10 +247,10 @@ class FewShotTasks:
   def tensor_batch(self, index: int, num_tasks: int) -> TaskBatch:
     """``batch(index, num_tasks)`` as TF tensors (the same values).
 
-    With ``gathers_in_tf`` (LEO's embeddings), TF gathers the examples from the split held as one tensor:
-    one copy instead of a numpy gather plus a copy into TF, about 3.5x
-    faster for LEO's test tasks of 3000 embeddings (see the README,
-    Performance).
+    With ``gathers_in_tf`` (LEO's embeddings), TF gathers the examples from
+    the split held as one tensor: one copy instead of a numpy gather plus a
+    copy into TF, about 3.5x faster for LEO's test tasks of 3000 embeddings
+    (see the README, Performance).
     """
     import tensorflow as tf  # only here: data preparation needs no TF
     if not self.gathers_in_tf:

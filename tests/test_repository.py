@@ -2,7 +2,12 @@
 flags live only in runner.py; library code logs instead of printing."""
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -54,3 +59,19 @@ def test_library_code_does_not_print():
       calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
                and getattr(n.func, "id", None) == "print"]
       assert not calls, f"{path}: use absl.logging"
+
+
+@pytest.mark.parametrize("entry", ["maml_tf", "leo", "runner",
+                                   "benchmarks.__main__"])
+def test_entry_points_turn_onednn_off_before_tensorflow_loads(entry):
+  # TF 2.21's oneDNN einsum corrupts the heap now and then (README,
+  # Installing); TF reads the variable once, when it is imported.
+  code = (f"import {entry}, os, sys; print('tensorflow' in sys.modules, "
+          "os.environ.get('TF_ENABLE_ONEDNN_OPTS'))")
+  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+  for preset, expected in ((None, "0"), ("1", "1")):  # a user's choice stays
+    if preset:
+      env["TF_ENABLE_ONEDNN_OPTS"] = preset
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", expected], out

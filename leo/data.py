@@ -254,14 +254,14 @@ def dataset_from_arrays(keys: np.ndarray, embeddings: np.ndarray,
 
 def _normalized_dataset(keys: np.ndarray, embeddings: np.ndarray,
                         name: str) -> ClassDataset:
-  """The split over ``embeddings``, which it L2-normalises in place.
+  """The split over float32 ``embeddings [n, d]``, which it L2-normalises in
+  place.
 
   The original normalises every sampled batch (``tf.nn.l2_normalize`` in
   ``get_instance``); normalising each row once is the same per-row arithmetic
   and keeps the test sampler (3000 embeddings per task) off the critical path.
   """
   class_names, class_rows = index_by_class(np.asarray(keys), name)
-  embeddings = np.asarray(embeddings, np.float32)
   return ClassDataset(l2_normalize(embeddings), class_rows, class_names,
                       name=name)
 

@@ -254,8 +254,7 @@ class FewShotTasks:
     """
     import tensorflow as tf  # only here: data preparation needs no TF
     if not self.gathers_in_tf:
-      return TaskBatch(*(tf.convert_to_tensor(t)
-                         for t in self.batch(index, num_tasks)))
+      return self.batch(index, num_tasks).to_tensors()
     k = self.config.num_shots
     rows, _ = self._rows(index, num_tasks)
     examples = self.dataset.as_tensor()

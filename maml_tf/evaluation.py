@@ -167,8 +167,7 @@ def evaluate(evaluate_fn: Callable, source, num_tasks: int, batch_size: int,
     # the copy into TF (LEO's test batches hold 77 MB of embeddings).
     if hasattr(source, "tensor_batch"):
       return source.tensor_batch(start_index + i, batch_size)
-    batch = source.batch(start_index + i, batch_size)
-    return type(batch)(*(tf.convert_to_tensor(t) for t in batch))
+    return source.batch(start_index + i, batch_size).to_tensors()
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     pending = collections.deque(

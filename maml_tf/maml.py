@@ -426,7 +426,7 @@ class MAML(tf.Module):
       ``(loss, grads)``, ``grads`` aligned with ``self.trainable_variables``
       (for MAML: ``model.trainable_variables``).
     """
-    batch = TaskBatch(*(tf.convert_to_tensor(t) for t in batch))
+    batch = TaskBatch(*batch).to_tensors()
     if step is not None:
       step = tf.convert_to_tensor(step, tf.int64)
     return self._function("meta_gradients", self._meta_gradients)(batch, step)

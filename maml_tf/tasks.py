@@ -35,6 +35,11 @@ class TaskBatch(NamedTuple):
   def num_tasks(self) -> int:
     return int(self.support_x.shape[0])
 
+  def to_tensors(self) -> "TaskBatch":
+    """The same batch with every field a ``tf.Tensor``."""
+    import tensorflow as tf  # only here: data preparation needs no TF
+    return TaskBatch(*(tf.convert_to_tensor(t) for t in self))
+
   def task(self, i: int) -> "TaskBatch":
     """The i-th task, keeping a task axis of size 1."""
     return TaskBatch(*(t[i:i + 1] for t in self))

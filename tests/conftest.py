@@ -4,11 +4,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("AUTOGRAPH_STRICT_CONVERSION", "1")
-# As maml_tf sets it (see maml_tf/__init__.py), also for test modules that
-# import TensorFlow before maml_tf.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
 import pathlib  # noqa: E402
+
+# Before any test module imports TensorFlow: maml_tf turns oneDNN off.
+import maml_tf  # noqa: E402,F401
 
 import pytest  # noqa: E402
 

@@ -23,7 +23,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-import maml_tf  # noqa: E402,F401  (before TensorFlow: sets TF_ENABLE_ONEDNN_OPTS)
+import maml_tf  # noqa: E402,F401  (before TensorFlow: sets its environment)
 
 FLAGS = flags.FLAGS
 

@@ -33,7 +33,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import maml_tf  # noqa: E402,F401  (before TensorFlow: sets TF_ENABLE_ONEDNN_OPTS)
+import maml_tf  # noqa: E402,F401  (before TensorFlow: sets its environment)
 
 
 def _run_one(spec: dict) -> dict:
@@ -250,6 +250,10 @@ def main() -> None:
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": {"processor": _cpu_name(), "cpus": os.cpu_count(),
                   "python": platform.python_version()},
+      # Settings that change the figures (maml_tf sets the first two).
+      "environment": {k: os.environ.get(k) for k in (
+          "TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC", "XLA_FLAGS",
+          "TF_XLA_FLAGS")},
       "peak_matmul_gflops": peak, "rows": rows}, indent=1))
   print(f"\nwritten to {out}")
 

@@ -9,4 +9,4 @@ Modules:
   synthetic: a synthetic embeddings set in the original format (the demo).
 """
 
-import maml_tf  # noqa: F401  (before TensorFlow: sets TF_ENABLE_ONEDNN_OPTS)
+import maml_tf  # noqa: F401  (before TensorFlow: sets its environment)

@@ -63,15 +63,22 @@ def test_library_code_does_not_print():
 
 @pytest.mark.parametrize("entry", ["maml_tf", "leo", "runner",
                                    "benchmarks.__main__"])
-def test_entry_points_turn_onednn_off_before_tensorflow_loads(entry):
-  # TF 2.21's oneDNN einsum corrupts the heap now and then (README,
-  # Installing); TF reads the variable once, when it is imported.
+@pytest.mark.parametrize("variable, ours, theirs", [
+    # TF 2.21's oneDNN einsum corrupts the heap now and then.
+    ("TF_ENABLE_ONEDNN_OPTS", "0", "1"),
+    # XLA's per-call temporaries are reused instead of page-faulted anew.
+    ("TF_CPU_ALLOCATOR_USE_BFC", "true", "false"),
+])
+def test_entry_points_set_tensorflow_variables_before_it_loads(
+    entry, variable, ours, theirs):
+  # README, Installing: TF reads both when it starts, so they must be set
+  # before it is imported, and a user's own value must stay.
   code = (f"import {entry}, os, sys; print('tensorflow' in sys.modules, "
-          "os.environ.get('TF_ENABLE_ONEDNN_OPTS'))")
-  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-  for preset, expected in ((None, "0"), ("1", "1")):  # a user's choice stays
+          f"os.environ.get({variable!r}))")
+  env = {k: v for k, v in os.environ.items() if k != variable}
+  for preset, expected in ((None, ours), (theirs, theirs)):
     if preset:
-      env["TF_ENABLE_ONEDNN_OPTS"] = preset
+      env[variable] = preset
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", expected], out

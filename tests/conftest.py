@@ -6,7 +6,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("AUTOGRAPH_STRICT_CONVERSION", "1")
 import pathlib  # noqa: E402
 
-# Before any test module imports TensorFlow: maml_tf turns oneDNN off.
+# Before any test module imports TensorFlow: maml_tf sets its environment
+# (oneDNN off, the BFC allocator on; README, Installing).
 import maml_tf  # noqa: E402,F401
 
 import pytest  # noqa: E402

@@ -61,6 +61,16 @@ def test_library_code_does_not_print():
       assert not calls, f"{path}: use absl.logging"
 
 
+def run_python(code: str, variable: str, value: str | None) -> str:
+  """Stdout of ``python -c code`` in a fresh process, with the environment
+  variable ``variable`` set to ``value`` (None: unset)."""
+  env = {k: v for k, v in os.environ.items() if k != variable}
+  if value is not None:
+    env[variable] = value
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                        capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.parametrize("entry", ["maml_tf", "leo", "runner",
                                    "benchmarks.__main__"])
 @pytest.mark.parametrize("variable, ours, theirs", [
@@ -75,12 +85,8 @@ def test_entry_points_set_tensorflow_variables_before_it_loads(
   # before it is imported, and a user's own value must stay.
   code = (f"import {entry}, os, sys; print('tensorflow' in sys.modules, "
           f"os.environ.get({variable!r}))")
-  env = {k: v for k, v in os.environ.items() if k != variable}
   for preset, expected in ((None, ours), (theirs, theirs)):
-    if preset:
-      env[variable] = preset
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = run_python(code, variable, preset)
     assert out.split() == ["False", expected], out
 
 
@@ -99,14 +105,8 @@ def test_xla_temporaries_are_reused_with_the_bfc_allocator():
       f(x).numpy()
     print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
   """
-  env = {k: v for k, v in os.environ.items()
-         if k != "TF_CPU_ALLOCATOR_USE_BFC"}
-  faults = {}
-  for preset in (None, "false"):
-    if preset:
-      env["TF_CPU_ALLOCATOR_USE_BFC"] = preset
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                         capture_output=True, text=True, check=True).stdout
-    faults[preset] = float(out.split()[-1])
+  faults = {preset: float(run_python(code, "TF_CPU_ALLOCATOR_USE_BFC",
+                                     preset).split()[-1])
+            for preset in (None, "false")}
   # 256 MB is 65,536 pages of 4 KB.
   assert faults[None] < 1000 < 30000 < faults["false"], faults

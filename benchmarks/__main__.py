@@ -45,6 +45,9 @@ def _run_one(spec: dict) -> dict:
   from maml_tf import training
   from maml_tf.tasks import TaskBatch
 
+  # As runner.py --allow_tf32 (off by default): TF32 changes GPU figures only.
+  tf.config.experimental.enable_tensor_float_32_execution(
+      spec.get("allow_tf32", False))
   workload = wl.workloads(spec.get("omniglot_cache"))[spec["workload"]]
   if spec.get("steps_per_call"):
     workload = dataclasses.replace(workload,
@@ -193,6 +196,9 @@ def main() -> None:
   parser.add_argument("--block_seconds", type=float, default=2.0)
   parser.add_argument("--omniglot_cache", default=None,
                       help="a prepared Omniglot cache to sample from")
+  parser.add_argument("--allow_tf32", action="store_true",
+                      help="let GPU matmuls and convolutions use TensorFloat-32, "
+                      "as runner.py --allow_tf32 (off: exact float32)")
   parser.add_argument("--out", default=None, help="JSON output path")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -201,7 +207,11 @@ def main() -> None:
     print("RESULT " + json.dumps(_run_one(json.loads(args.one))), flush=True)
     return
 
+  import tensorflow as tf
+
   from benchmarks import measure
+  # The peak is taken with the same matmul precision as the workloads.
+  tf.config.experimental.enable_tensor_float_32_execution(args.allow_tf32)
   peak = measure.peak_matmul_gflops()
   print(f"peak float32 matmul (2048^3, XLA): {peak:.1f} GFLOP/s", flush=True)
   rows = []
@@ -223,7 +233,8 @@ def main() -> None:
             "precision": precision, "xla": xla == "on",
             "blocks": args.blocks, "block_seconds": args.block_seconds,
             "steps_per_call": args.steps_per_call,
-            "omniglot_cache": args.omniglot_cache}
+            "omniglot_cache": args.omniglot_cache,
+            "allow_tf32": args.allow_tf32}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--one", json.dumps(spec)],
         capture_output=True, text=True)
@@ -253,7 +264,7 @@ def main() -> None:
       # Settings that change the figures (maml_tf sets the first two).
       "environment": {k: os.environ.get(k) for k in (
           "TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC", "XLA_FLAGS",
-          "TF_XLA_FLAGS")},
+          "TF_XLA_FLAGS")} | {"allow_tf32": args.allow_tf32},
       "peak_matmul_gflops": peak, "rows": rows}, indent=1))
   print(f"\nwritten to {out}")
 

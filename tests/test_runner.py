@@ -36,6 +36,7 @@ def test_train_test_resume_and_test_mode(tmp_path):
   assert (run_dir / "checkpoints" / "model-200.index").exists()
   assert "steps/s" in proc.stderr and "ETA" in proc.stderr
   assert "First meta-step call" in proc.stderr
+  assert "TensorFloat-32 matmuls and convolutions: off" in proc.stderr
   flags = json.loads((run_dir / "flags.json").read_text())
   assert flags["metatrain_iterations"] == 200
 
@@ -49,8 +50,10 @@ def test_train_test_resume_and_test_mode(tmp_path):
 
   # Test mode with --test_iter loads that checkpoint; val split by default.
   proc = run(SINE + [f"--logdir={logdir}", "--train=False", "--test_iter=200",
-                     "--num_test_tasks=40", "--jit_compile=False"])
+                     "--num_test_tasks=40", "--jit_compile=False",
+                     "--allow_tf32"])
   assert "val results after 200 iterations" in proc.stdout
+  assert "TensorFloat-32 matmuls and convolutions: allowed" in proc.stderr
   assert (run_dir / "val_ubs10_stepsize0.01_iter200.csv").exists()
 
   # --flagfile reproduces the run directory from the saved flags.

@@ -153,3 +153,38 @@ def test_pretrain_phase_optimises_the_pre_update_support_loss(tmp_path):
   assert float(loss) == pytest.approx(float(metrics["pre_update_loss"]))
   assert float(loss) == pytest.approx(
       float(np.mean(learner.evaluate(batch, 0)["support_loss"])), rel=1e-5)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+@pytest.mark.parametrize("learner_kind", ["maml_conv", "leo"])
+def test_tf32_setting_reaches_every_matmul_and_convolution(
+    tmp_path, learner_kind, allow_tf32):
+  # runner.py --allow_tf32 (README, Performance): TensorFlow's default lets
+  # Ampere+ GPUs round float32 matmul and convolution inputs to 10 bits. With
+  # it off, every dot and convolution of the compiled meta-step (forward,
+  # inner update, both backward passes) must ask XLA for full precision.
+  from leo.model import LEO
+  from tests.test_leo_model import class_major_batch, tiny_config
+  if learner_kind == "leo":
+    learner = LEO(tiny_config(dtype="float32", num_classes=2))
+    batch = class_major_batch(2, 2, 1, 2, 6, dtype=np.float32)
+  else:
+    learner = MAML(models.build("conv4_omniglot", num_classes=2, num_filters=4,
+                                seed=0), 0.4, 1)
+    batch = helpers.classification_batch(2, 2, 1, 1, (28, 28, 1))
+  trainer = training.Trainer(learner, training.TrainConfig(
+      run_dir=str(tmp_path), num_iterations=1, meta_batch_size=2,
+      log_every=1, print_every=1, val_every=0, save_every=1))
+  block = type(batch)(*(tf.constant(np.asarray(t)[None]) for t in batch))
+  previous = tf.config.experimental.tensor_float_32_execution_enabled()
+  tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
+  try:
+    hlo = trainer.train_function().experimental_get_compiler_ir(
+        block, tf.constant(0, tf.int64))(stage="hlo")
+  finally:
+    tf.config.experimental.enable_tensor_float_32_execution(previous)
+  ops = [line for line in hlo.splitlines()
+         if " dot(" in line or " convolution(" in line]
+  assert len(ops) >= 20, hlo[:2000]
+  exact = ["operand_precision={highest,highest}" in line for line in ops]
+  assert (not any(exact)) if allow_tf32 else all(exact)

@@ -1,0 +1,45 @@
+"""The benchmark command and its FLOP count (the figures themselves are
+measured by ``python -m benchmarks``, never asserted in tests)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+from benchmarks import measure
+from tests.conftest import REPO
+
+
+def test_flops_are_counted_from_the_compiled_program():
+  # Hand counts: 2 * outputs * contracted size for each dot and convolution.
+  def f(a, b, x, w, images, kernel):
+    return (tf.reduce_sum(a @ b) +
+            tf.reduce_sum(tf.einsum("tbk,tkf->tbf", x, w)) +
+            tf.reduce_sum(tf.nn.conv2d(images, kernel, 1, "SAME")))
+  args = [tf.ones([8, 16]), tf.ones([16, 12]), tf.ones([3, 5, 7]),
+          tf.ones([3, 7, 6]), tf.ones([2, 6, 6, 3]), tf.ones([3, 3, 3, 4])]
+  expected = (2 * 8 * 12 * 16 + 2 * 3 * 5 * 6 * 7 +
+              2 * (2 * 6 * 6 * 4) * (3 * 3 * 3))
+  fn = tf.function(f, jit_compile=True)
+  assert measure.function_flops(fn, *args) == pytest.approx(expected)
+
+
+def test_benchmark_command_writes_its_table_as_json(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks", "--workloads", "sinusoid",
+       "--algorithms", "maml", "--xla", "on", "--blocks", "2",
+       "--block_seconds", "0.2", "--out", str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  (row,) = result["rows"]
+  assert row["workload"] == "sinusoid" and row["algorithm"] == "maml"
+  assert row["steps_per_s"] > 0 and len(row["block_rates"]) == 2
+  assert row["steps_per_call"] == 100 and row["compile_s"] > 0
+  assert 0 < row["gflop_per_step"] < 1 and result["peak_matmul_gflops"] > 0
+  assert result["environment"]["allow_tf32"] is False
+  assert result["environment"]["TF_CPU_ALLOCATOR_USE_BFC"] == "true"
+  assert "sinusoid      maml" in proc.stdout

@@ -7,7 +7,8 @@ it) and reports:
 * meta-steps/s: the median of timed blocks (about 2 s each) after the first
   call and two warm-up calls, and ms per step;
 * compile: the first call (tracing + XLA compilation);
-* peak RSS of that process;
+* peak RSS of that process, taken before the FLOP count (which compiles
+  the step a second time);
 * input ms/step: the task sampler's time to produce one meta-batch
   (single-threaded; training overlaps it with compute through tf.data);
 * GFLOP per step counted from XLA's optimised HLO (dots and convolutions),
@@ -91,6 +92,8 @@ def _run_one(spec: dict) -> dict:
                                lambda o: o["loss"].numpy(),
                                spec["block_seconds"], spec["blocks"])
   steps_per_s = float(np.median(rates)) * k
+  # Before the FLOP count, whose second XLA compile is not part of training.
+  peak_rss_mb = measure.peak_rss_mb()
   flops = measure.function_flops(fn, block, step) if spec["xla"] else None
   return {
       "workload": spec["workload"], "algorithm": spec["algorithm"],
@@ -98,7 +101,7 @@ def _run_one(spec: dict) -> dict:
       "steps_per_call": k, "steps_per_s": steps_per_s,
       "ms_per_step": 1e3 / steps_per_s,
       "block_rates": [r * k for r in rates], "compile_s": compile_s,
-      "first_loss": first_value, "peak_rss_mb": measure.peak_rss_mb(),
+      "first_loss": first_value, "peak_rss_mb": peak_rss_mb,
       "input_ms_per_step": input_ms,
       "gflop_per_step": None if flops is None else flops / 1e9,
   }
@@ -127,6 +130,7 @@ def _run_evaluation(spec, workload, learner, source, batches,
   num_tasks = 30 * workload.meta_batch_size
   result = evaluation.evaluate(fn, source, num_tasks, workload.meta_batch_size,
                                start_index=100, jit_compile=None)
+  peak_rss_mb = measure.peak_rss_mb()  # before the FLOP count's compile
   flops = measure.function_flops(fn, batch) if spec["xla"] else None
   return {
       "workload": spec["workload"], "algorithm": spec["algorithm"],
@@ -135,7 +139,7 @@ def _run_evaluation(spec, workload, learner, source, batches,
       # one "step" = one task here
       "steps_per_s": tasks_per_s, "ms_per_step": 1e3 / tasks_per_s,
       "block_rates": [r * workload.meta_batch_size for r in rates],
-      "compile_s": compile_s, "peak_rss_mb": measure.peak_rss_mb(),
+      "compile_s": compile_s, "peak_rss_mb": peak_rss_mb,
       "input_ms_per_step": input_ms / workload.meta_batch_size,
       "gflop_per_step": (None if flops is None else
                          flops / 1e9 / workload.meta_batch_size),

@@ -204,11 +204,30 @@ def main() -> None:
                       help="let GPU matmuls and convolutions use TensorFloat-32, "
                       "as runner.py --allow_tf32 (off: exact float32)")
   parser.add_argument("--out", default=None, help="JSON output path")
+  parser.add_argument("--report", nargs="+", metavar="JSON", default=None,
+                      help="print the results table of these JSON files in "
+                      "the README's markdown format, and measure nothing")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.one:  # child process: one configuration
     print("RESULT " + json.dumps(_run_one(json.loads(args.one))), flush=True)
+    return
+  if args.report:
+    from benchmarks import report
+    results = []
+    for path in args.report:
+      try:
+        with open(path) as f:
+          result = json.load(f)
+      except (OSError, ValueError) as e:
+        parser.error(f"--report: cannot read {path} as benchmark JSON: {e}")
+      if not isinstance(result, dict) or not {
+          "rows", "peak_matmul_gflops", "date", "machine"} <= result.keys():
+        parser.error(f"--report: {path} is not a benchmark result (expected "
+                     "the JSON that python -m benchmarks writes)")
+      results.append(result)
+    print(report.markdown_table(results))
     return
 
   import tensorflow as tf

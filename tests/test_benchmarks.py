@@ -43,3 +43,30 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
   assert result["environment"]["allow_tf32"] is False
   assert result["environment"]["TF_CPU_ALLOCATOR_USE_BFC"] == "true"
   assert "sinusoid      maml" in proc.stdout
+
+
+def test_report_renders_the_readme_table():
+  from benchmarks import report
+  row = dict(workload="omniglot", algorithm="maml", xla=True,
+             precision="float32", steps_per_call=1, steps_per_s=2.0,
+             ms_per_step=500.0, compile_s=12.34, peak_rss_mb=1536.0,
+             input_ms_per_step=8.0, gflop_per_step=10.0)
+  off = dict(row, xla=False, gflop_per_step=None, steps_per_s=0.5)
+  result = dict(date="2026-11-22T00:00:00", peak_matmul_gflops=100.0,
+                machine=dict(processor="cpu", cpus=2, python="3.11"),
+                rows=[row, off])
+  lines = report.markdown_table([result]).splitlines()
+  # 2 steps/s x 10 GFLOP = 20 GFLOP/s = 20% of a 100 GFLOP/s peak; the
+  # XLA-off row takes the FLOP count of the XLA row (the same maths).
+  assert lines[2] == ("| omniglot | maml | on | float32 | 2.00 | 500.00 | 12.3 "
+                      "| 1.50 | 8.00 | 10 | 20.0 | 20.0 |")
+  assert lines[3].endswith("| 10 | 5.0 | 5.0 |")
+
+
+def test_report_names_a_file_that_is_not_a_result(tmp_path):
+  bad = tmp_path / "bad.json"
+  bad.write_text('{"rows": []}')
+  proc = subprocess.run([sys.executable, "-m", "benchmarks", "--report",
+                         str(bad)], cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode != 0
+  assert f"--report: {bad} is not a benchmark result" in proc.stderr

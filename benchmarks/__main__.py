@@ -15,7 +15,8 @@ it) and reports:
   achieved GFLOP/s, and the fraction of the peak rate a large float32 matmul
   reaches on this machine in the same run.
 
-Results are printed as a table and written as JSON.
+Results are printed as a table and written as JSON; ``--report FILE...``
+prints such files as the README's markdown table.
 """
 
 from __future__ import annotations

@@ -80,6 +80,13 @@ class MetaModel(keras.Model):
         roles[i] = role
     assert None not in roles, "every trainable variable needs a role"
     self.param_roles = tuple(roles)
+    # Keras 3 keeps layers held in lists out of TensorFlow's object graph, so
+    # a tf.train.Checkpoint of the model would hold only ``self.head`` and
+    # restore nothing else (its other weights were saved only through the
+    # optimiser's references to them). Tracking every layer by its unique
+    # name makes the model's checkpoint complete on its own.
+    for layer in functional_layers:
+      self._track_trackable(layer, name=layer.name, overwrite=True)
 
   def layer_params(self, layer: L.FunctionalLayer,
                    params: Sequence[tf.Tensor]) -> list[tf.Tensor]:

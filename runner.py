@@ -53,6 +53,12 @@ flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "float16"],
                   "Arithmetic of the MAML-family networks: float32, or mixed "
                   "precision (bfloat16/float16 layers; float32 variables, "
                   "inner updates, losses and batch-norm statistics).")
+flags.DEFINE_string("loss_scale", "auto",
+                    "Loss scaling of the float16 gradients (see "
+                    "maml_tf/precision.py): 'dynamic' (start at 2^15, halve "
+                    "after a non-finite step, which is skipped, double after "
+                    "2000 finite ones), a fixed power of two, 1 (off), or "
+                    "'auto': dynamic with --precision=float16, off otherwise.")
 flags.DEFINE_integer("num_classes", 5,
                      "N: classes per task (N-way). [maml, leo]")
 
@@ -217,6 +223,8 @@ def experiment_string() -> str:
         "None": "nonorm"}[FLAGS.norm]
   if FLAGS.precision != "float32":
     s += f".{FLAGS.precision}"
+  if FLAGS.precision == "float16" and _loss_scale() != "dynamic":
+    s += f".lossscale{int(_loss_scale() or 1)}"
   if FLAGS.model != "maml":
     s = f"{FLAGS.model}.{s}"
     # The variant's own options, where they differ from their defaults, so
@@ -265,6 +273,7 @@ def _check_flags() -> None:
       raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
   if FLAGS.num_updates < 1:
     raise app.UsageError(f"--num_updates must be >= 1, got {FLAGS.num_updates}")
+  _loss_scale()
   from maml_tf import image_data
   if FLAGS.datasource not in ("sinusoid",) + image_data.DATASOURCES:
     raise app.UsageError(f"--datasource={FLAGS.datasource!r}: expected "
@@ -347,12 +356,29 @@ def _build_model():
 
 
 def _family_model_kwargs() -> dict:
-  """Network options: ``--precision``, and MAML++'s per-step batch-norm
-  weights and biases learn a scale gamma too (HTTYM's MetaBatchNormLayer)."""
-  kwargs = {"compute_dtype": FLAGS.precision}
+  """Network options: ``--precision`` and ``--loss_scale``, and MAML++'s
+  per-step batch-norm weights and biases learn a scale gamma too (HTTYM's
+  MetaBatchNormLayer)."""
+  kwargs = {"compute_dtype": FLAGS.precision, "loss_scale": _loss_scale()}
   if FLAGS.model == "mamlpp" and FLAGS.mamlpp_bnwb:
     kwargs["norm_scale"] = True
   return kwargs
+
+
+def _loss_scale() -> str | float | None:
+  """``--loss_scale`` as ``models.build`` takes it (None: no scaling)."""
+  from maml_tf import precision
+  if FLAGS.loss_scale == "auto":
+    return precision.DYNAMIC if FLAGS.precision == "float16" else None
+  try:
+    scale = precision.parse_loss_scale(FLAGS.loss_scale)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if scale is not None and FLAGS.precision != "float16":
+    raise app.UsageError(f"--loss_scale={FLAGS.loss_scale} applies to "
+                         "--precision=float16 only (bfloat16 has float32's "
+                         "exponent range and needs no scaling).")
+  return scale
 
 
 def _metasgd_init_range() -> tuple[float, float]:
@@ -652,9 +678,10 @@ def _leo_configs(data_path: str):
 
 
 def _leo_main() -> None:
-  if FLAGS.precision != "float32":
-    raise app.UsageError("--precision applies to the MAML-family models; LEO "
-                         "runs in float32 (or float64: --use_64bits_dtype).")
+  if FLAGS.precision != "float32" or FLAGS.loss_scale != "auto":
+    raise app.UsageError("--precision and --loss_scale apply to the "
+                         "MAML-family models; LEO runs in float32 (or float64: "
+                         "--use_64bits_dtype).")
   demo = FLAGS.data_path is None
   data_path = _leo_apply_demo_defaults() if demo else FLAGS.data_path
   try:

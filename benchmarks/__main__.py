@@ -84,7 +84,7 @@ def _run_one(spec: dict) -> dict:
   fn = trainer.train_function()
   start = time.perf_counter()
   out = fn(block, step)
-  first_value = float(np.mean(out["loss"].numpy()))
+  first_value = training.finite_mean(out["loss"].numpy())
   compile_s = time.perf_counter() - start
   for _ in range(2):
     out = fn(block, step)

@@ -125,7 +125,8 @@ def workloads(omniglot_cache: str | None = None) -> dict[str, Workload]:
 
 def build_learner(algorithm: str, workload: Workload, jit_compile: bool,
                   seed: int = 0, precision: str = "float32"):
-  """A learner for ``algorithm`` on ``workload`` (the runner's defaults)."""
+  """A learner for ``algorithm`` on ``workload`` (the runner's defaults,
+  dynamic loss scaling with float16 among them)."""
   if algorithm == "leo":
     from leo.config import ModelConfig
     from leo.model import LEO
@@ -134,6 +135,7 @@ def build_learner(algorithm: str, workload: Workload, jit_compile: bool,
   if algorithm == "mamlpp":
     kwargs["norm_scale"] = True  # per-step batch-norm weights and biases
   model = models.build(workload.model, seed=seed, compute_dtype=precision,
+                       loss_scale="dynamic" if precision == "float16" else None,
                        **kwargs)
   common = dict(jit_compile=jit_compile)
   lr, steps = workload.inner_lr, workload.inner_steps

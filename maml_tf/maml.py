@@ -339,7 +339,21 @@ class MAML(tf.Module):
     if self.model.task_type == CLASSIFICATION:
       metrics["post_update_accuracy"] = tf.reduce_mean(
           losses.accuracy(outputs, batch.query_y))
+    metrics.update(self.state_metrics())
     return loss, metrics
+
+  def update_state(self, finite=True) -> None:
+    """Adjusts a dynamic float16 loss scale after a meta-step (halved when
+    the step was not finite); the training loop calls it."""
+    if self.model.loss_scale is not None:
+      self.model.loss_scale.update(tf.convert_to_tensor(finite))
+
+  def state_metrics(self) -> dict:
+    """``{"loss_scale": S}`` (the scale of this step's float16 gradients)
+    with loss scaling, else ``{}``: reported with the objective's metrics."""
+    if self.model.loss_scale is None:
+      return {}
+    return {"loss_scale": tf.convert_to_tensor(self.model.loss_scale.scale)}
 
   def pretrain_loss(self, batch: TaskBatch, step=None, training: bool = True):
     """The original's multi-task baseline objective (``--pretrain_iterations``):
@@ -351,7 +365,7 @@ class MAML(tf.Module):
                            training)
     loss = tf.reduce_mean(self.task_loss(outputs, batch.support_y,
                                          self.shots(batch)))
-    return loss, {"pre_update_loss": loss}
+    return loss, {"pre_update_loss": loss, **self.state_metrics()}
 
   def evaluate(self, batch: TaskBatch, num_steps: int | None = None,
                training: bool | None = None) -> dict:

@@ -369,7 +369,7 @@ class MAMLPlusPlus(MAML):
         lambda: self._objective(batch, msl, weights, True, training),
         lambda: self._objective(batch, msl, weights, False, training))
     self._scratch.pending = statistics or None
-    return loss, metrics
+    return loss, {**metrics, **self.state_metrics()}
 
   def pretrain_loss(self, batch: TaskBatch, step=None, training: bool = True):
     self._scratch.pending = None
@@ -377,7 +377,9 @@ class MAMLPlusPlus(MAML):
 
   def update_state(self, finite=True) -> None:
     """Blends the last meta-loss's batch statistics into the per-step running
-    statistics (BNRS). The training loop calls it after the gradients."""
+    statistics (BNRS), and adjusts the loss scale (``MAML.update_state``). The
+    training loop calls it after the gradients."""
     pending, self._scratch.pending = self._scratch.pending, None
     if pending:
       self.statistics.update(pending, finite)
+    super().update_state(finite)

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from maml_tf import layers as L
+from maml_tf import precision
 
 REGRESSION = "regression"
 CLASSIFICATION = "classification"
@@ -42,10 +43,12 @@ class MetaModel(keras.Model):
     example_shape: shape of one input example, e.g. ``(28, 28, 1)``.
     param_roles: one role per entry of ``trainable_variables`` ('weight',
       'head' or 'norm'); algorithms use it to choose what the inner loop adapts.
+    loss_scale: the ``precision.LossScale`` of the 16-bit gradients, or None.
   """
 
   def __init__(self, example_shape: Sequence[int], num_outputs: int,
-               task_type: str, compute_dtype: str | None = None, **kwargs):
+               task_type: str, compute_dtype: str | None = None,
+               loss_scale: str | float | None = None, **kwargs):
     super().__init__(**kwargs)
     self.example_shape = tuple(int(d) for d in example_shape)
     self.num_outputs = int(num_outputs)
@@ -55,6 +58,13 @@ class MetaModel(keras.Model):
       raise ValueError(f"--precision={compute_dtype!r}: expected float32, "
                        "bfloat16 or float16")
     self.compute_dtype_name = compute_dtype
+    policy = precision.parse_loss_scale(loss_scale)
+    if policy is not None and compute_dtype is None:
+      raise ValueError(f"--loss_scale={loss_scale!r} needs layers in a lower "
+                       "precision than the variables (--precision=float16)")
+    # S of the float16 gradients (see ``precision``), or None: no scaling.
+    self.loss_scale = (None if policy is None else
+                       precision.LossScale(policy))
 
   def compute_cast(self, params: Sequence[tf.Tensor], x: tf.Tensor):
     """Casts weights and inputs to the compute dtype (mixed precision).
@@ -62,10 +72,18 @@ class MetaModel(keras.Model):
     Variables, fast weights and inner updates stay in the variables' dtype;
     only the layers' arithmetic runs in ``compute_dtype`` (bfloat16/float16),
     and outputs come back in the variables' dtype (``apply_head``), so losses
-    and gradients accumulate in full precision.
+    and gradients accumulate in full precision. With a ``loss_scale``, the
+    gradients are S-scaled between these casts (``precision.enter`` and
+    ``precision.leave``).
     """
     dtype = tf.as_dtype(self.compute_dtype_name or params[0].dtype)
-    return [tf.cast(p, dtype) for p in params], tf.cast(x, dtype)
+    scale = self._scale()
+    return ([precision.enter(p, dtype, scale) for p in params],
+            precision.enter(x, dtype, scale))
+
+  def _scale(self) -> tf.Tensor | None:
+    return (None if self.loss_scale is None else
+            tf.convert_to_tensor(self.loss_scale.scale))
 
   def _finish_build(self, functional_layers: Sequence[L.FunctionalLayer]):
     """Records which entries of ``trainable_variables`` belong to each layer."""
@@ -132,7 +150,7 @@ class MetaModel(keras.Model):
     params, features = self.compute_cast(params, features)
     out = self.head.forward(self.layer_params(self.head, params), features,
                             step, training)
-    return tf.cast(out, variable_dtype)
+    return precision.leave(out, variable_dtype, self._scale())
 
   def tile_params(self, num_tasks) -> list[tf.Tensor]:
     """This model's variables broadcast to ``[num_tasks, *shape]``.
@@ -153,9 +171,11 @@ class MLP(MetaModel):
   def __init__(self, input_dim: int, hidden: Sequence[int], num_outputs: int,
                task_type: str, norm: str = "None", seed: int | None = None,
                dtype=None, name: str | None = None, norm_scale: bool = False,
-               compute_dtype: str | None = None):
+               compute_dtype: str | None = None,
+               loss_scale: str | float | None = None):
     super().__init__((input_dim,), num_outputs, task_type, name=name,
-                     dtype=dtype, compute_dtype=compute_dtype)
+                     dtype=dtype, compute_dtype=compute_dtype,
+                     loss_scale=loss_scale)
     self.hidden = tuple(hidden)
 
     def init(i):
@@ -208,9 +228,11 @@ class Conv4(MetaModel):
                num_filters: int, max_pool: bool, pooling: str,
                head_initializer: str, norm: str = "batch_norm",
                seed: int | None = None, dtype=None, name: str | None = None,
-               norm_scale: bool = False, compute_dtype: str | None = None):
+               norm_scale: bool = False, compute_dtype: str | None = None,
+               loss_scale: str | float | None = None):
     super().__init__(image_shape, num_classes, CLASSIFICATION, name=name,
-                     dtype=dtype, compute_dtype=compute_dtype)
+                     dtype=dtype, compute_dtype=compute_dtype,
+                     loss_scale=loss_scale)
     if pooling not in ("mean", "flatten"):
       raise ValueError(f"pooling must be 'mean' or 'flatten', got {pooling!r}")
     self.max_pool = max_pool
@@ -315,8 +337,10 @@ def build(name: str, **kwargs) -> MetaModel:
       'None'), ``num_filters``, ``max_pool``, ``image_shape``, ``hidden``,
       ``input_dim``, ``seed`` (initialiser seed), ``dtype`` ('float32' or
       'float64'), ``compute_dtype`` (mixed precision: 'bfloat16' or 'float16'
-      arithmetic with float32 variables), ``norm_scale`` (batch norm also learns a scale gamma; the
-      original learns only the offset beta, MAML++ learns both). The sinusoid
+      arithmetic with float32 variables), ``loss_scale`` (with
+      ``compute_dtype``: 'dynamic' or a fixed power of two, see
+      ``precision``), ``norm_scale`` (batch norm also learns a scale gamma;
+      the original learns only the offset beta, MAML++ learns both). The sinusoid
       MLP defaults to ``norm='None'`` (the paper's command), the others to the
       original flag default 'batch_norm'.
 

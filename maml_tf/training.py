@@ -14,8 +14,8 @@ A *learner* provides:
   is not finite, as LEO does; without it a non-finite step is skipped) and
   ``update_state(finite)``: called after each meta-step's gradients, outside
   the tape, to update non-trainable state from the step just taken (MAML++'s
-  per-step batch-norm running statistics); ``finite`` is a boolean tensor,
-  false when the step was not finite.
+  per-step batch-norm running statistics, a float16 loss scale); ``finite``
+  is a boolean tensor, false when the step was not finite.
 
 The loop compiles ``steps_per_call`` meta-steps into one XLA call (a
 ``tf.while_loop`` with the optimiser inside), so small workloads such as the
@@ -217,9 +217,13 @@ class Trainer:
     update_state = getattr(self.learner, "update_state", None)
     if update_state is not None:
       update_state(finite)
-    metrics = dict(metrics)
-    metrics["loss"] = tf.where(finite, loss, tf.zeros_like(loss))
-    return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+    metrics = dict(metrics, loss=loss)
+    # A skipped (or replaced) step reports NaN for every metric, and the
+    # logged means cover the other steps only: with a dynamic float16 loss
+    # scale, overflowing steps are routine and would otherwise turn a whole
+    # summary interval's means into NaN.
+    return {k: tf.where(finite, tf.cast(v, tf.float32), float("nan"))
+            for k, v in metrics.items()}
 
   def _block(self, block: TaskBatch, start_step, pretrain: bool):
     """Runs the meta-steps of one block; returns per-step metrics ``[k]``."""
@@ -419,7 +423,7 @@ class Trainer:
         rate = window_steps / elapsed if window_steps else float("nan")
         with writer.as_default():
           for name, values in window.items():
-            tf.summary.scalar(f"metatrain/{name}", float(np.mean(values)),
+            tf.summary.scalar(f"metatrain/{name}", finite_mean(values),
                               step=step)
           if window_steps:
             tf.summary.scalar("metatrain/steps_per_sec", rate, step=step)
@@ -435,7 +439,7 @@ class Trainer:
             self._write_eval_summaries("metatrain", results, step)
         if step % c.print_every == 0 or step == total:
           eta = (total - step) / rate if window_steps else float("nan")
-          parts = " ".join(f"{n}={np.mean(v):.4f}"
+          parts = " ".join(f"{n}={finite_mean(v):.4f}"
                            for n, v in sorted(window.items()))
           logging.info("%sstep %d/%d | %s | %.1f steps/s | ETA %s",
                        "pretrain " if pretrain else "", step - (
@@ -466,6 +470,13 @@ class Trainer:
     wall = time.time() - wall_start
     return {"step": step, "seconds": wall, "first_call_seconds": first_call,
             "nonfinite_steps": int(self.nonfinite_steps.numpy())}
+
+
+def finite_mean(values: list) -> float:
+  """The mean over the steps that were applied (NaN if there were none)."""
+  values = np.asarray(values, np.float64)
+  finite = values[np.isfinite(values)]
+  return float(finite.mean()) if finite.size else float("nan")
 
 
 def _format_seconds(seconds: float) -> str:

@@ -72,6 +72,8 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--norm=batchnorm", "--norm='batchnorm'"),
     ("--meta_batch_size=0", "--meta_batch_size must be >= 1"),
     ("--baseline=orcle", "--baseline='orcle'"),
+    ("--loss_scale=3", "--loss_scale='3': expected 'dynamic' or a power"),
+    ("--loss_scale=128", "applies to --precision=float16 only"),
 ])
 def test_bad_flags_are_named(tmp_path, flag, message):
   proc = run(SINE + [f"--logdir={tmp_path}", flag], check=False)

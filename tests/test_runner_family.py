@@ -24,9 +24,13 @@ def last_scalar(run_dir, tag):
 
 
 @pytest.mark.parametrize("model,flags,prefix", [
-    ("anil", ["--norm=None", "--anil_cache_features=True"], "anil."),
-    ("metasgd", ["--norm=None", "--metasgd_init_range=0.01,0.02"],
-     "metasgd."),
+    # float16 with the default dynamic loss scale (skipped steps would delay
+    # MAML++'s learning-rate schedule, checked below, so not there).
+    ("anil", ["--norm=None", "--anil_cache_features=True",
+              "--precision=float16"], "anil."),
+    # float16 without loss scaling: the run directory says so.
+    ("metasgd", ["--norm=None", "--metasgd_init_range=0.01,0.02",
+                 "--precision=float16", "--loss_scale=1"], "metasgd."),
     # One inner step keeps the graphs small; the unit tests cover U > 1.
     ("mamlpp", ["--norm=batch_norm", "--num_updates=1",
                 "--mamlpp_iterations_per_epoch=10", "--mamlpp_msl_epochs=1"],
@@ -37,6 +41,12 @@ def test_each_family_model_trains_and_tests(tmp_path, model, flags, prefix):
   assert "test results after 20 iterations" in proc.stdout
   (run_dir,) = list(tmp_path.iterdir())
   assert run_dir.name.startswith(prefix)
+  scale = last_scalar(run_dir, "metatrain/loss_scale")
+  if model == "metasgd":
+    assert ".float16.lossscale1" in run_dir.name and scale is None
+  if model == "anil":
+    assert ".float16" in run_dir.name and "lossscale" not in run_dir.name
+    assert 1 <= scale <= 2 ** 15  # the interval's mean of powers of two
   assert (run_dir / "checkpoints" / "model-20.index").exists()
   # MAML++ anneals the meta learning rate to --mamlpp_min_meta_lr.
   expected = 1e-5 if model == "mamlpp" else 1e-3

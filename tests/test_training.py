@@ -66,7 +66,8 @@ def test_short_sinusoid_run_learns(tmp_path):
 
 
 class NaNAtStep:
-  """Wraps a learner; its loss is NaN at one meta-step."""
+  """Wraps a learner; its loss and metrics are NaN at one meta-step (as
+  after an overflow in the inner loop)."""
 
   def __init__(self, learner, bad_step):
     self.learner = learner
@@ -76,8 +77,10 @@ class NaNAtStep:
 
   def meta_loss(self, batch, step, training=True):
     loss, metrics = self.learner.meta_loss(batch, step)
-    nan = tf.constant(np.nan, loss.dtype)
-    return tf.where(step == self.bad_step, nan, loss), metrics
+    bad = step == self.bad_step
+    return tf.where(bad, np.nan, loss), {
+        k: tf.where(bad, tf.constant(np.nan, v.dtype), v)
+        for k, v in metrics.items()}
 
 
 @pytest.mark.parametrize("steps_per_call", [1, 5])
@@ -91,6 +94,20 @@ def test_non_finite_step_is_skipped(tmp_path, steps_per_call):
   assert int(trainer.nonfinite_steps.numpy()) == 1
   assert int(trainer.optimizer.iterations.numpy()) == 4  # one update skipped
   assert all(np.isfinite(v.numpy()).all() for v in trainer.variables)
+  # The logged means cover the 4 applied steps (the skipped one's metrics
+  # are NaN, not zero and not poisoning the mean).
+  logged = {}
+  for path in tmp_path.glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        logged[v.tag] = float(tf.make_ndarray(v.tensor))
+  assert np.isfinite(logged["metatrain/loss"])
+  assert np.isfinite(logged["metatrain/post_update_loss"])
+
+
+def test_finite_mean_skips_the_skipped_steps():
+  assert training.finite_mean([1.0, float("nan"), 3.0, float("inf")]) == 2.0
+  assert np.isnan(training.finite_mean([float("nan")]))
 
 
 def test_clip_by_value_then_per_tensor_norm():

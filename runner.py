@@ -223,8 +223,9 @@ def experiment_string() -> str:
         "None": "nonorm"}[FLAGS.norm]
   if FLAGS.precision != "float32":
     s += f".{FLAGS.precision}"
-  if FLAGS.precision == "float16" and _loss_scale() != "dynamic":
-    s += f".lossscale{int(_loss_scale() or 1)}"
+  scale = _loss_scale()
+  if FLAGS.precision == "float16" and scale != "dynamic":
+    s += f".lossscale{int(scale or 1)}"  # a fixed scale, or 1 (off)
   if FLAGS.model != "maml":
     s = f"{FLAGS.model}.{s}"
     # The variant's own options, where they differ from their defaults, so

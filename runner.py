@@ -61,6 +61,7 @@ flags.DEFINE_string("loss_scale", "auto",
                     "'auto': dynamic with --precision=float16, off otherwise.")
 flags.DEFINE_integer("num_classes", 5,
                      "N: classes per task (N-way). [maml, leo]")
+_SHARED_FLAGS = frozenset(FLAGS)  # with absl's own
 
 # ------------------------------------------- cbfinn/maml main.py, verbatim
 flags.DEFINE_string("datasource", "sinusoid",
@@ -221,6 +222,21 @@ def experiment_string() -> str:
     s += FLAGS.baseline
   s += {"batch_norm": "batchnorm", "layer_norm": "layernorm",
         "None": "nonorm"}[FLAGS.norm]
+  # Additions to the original's name, each only away from its default (so the
+  # original's configurations keep their names): runs that differ in them
+  # must not share, and resume, one run directory.
+  if FLAGS.seed != 0:
+    s += f".seed{FLAGS.seed}"
+  if FLAGS.meta_lr != FLAGS["meta_lr"].default:
+    s += f".metalr{_float_str(FLAGS.meta_lr)}"
+  if FLAGS.pretrain_iterations:
+    s += f".pretrain{FLAGS.pretrain_iterations}"
+  if not FLAGS.conv:
+    s += ".fc"
+  if FLAGS.num_query != -1:
+    s += f".numquery{FLAGS.num_query}"
+  if FLAGS.rotation != "auto":
+    s += f".rotation{FLAGS.rotation}"
   if FLAGS.precision != "float32":
     s += f".{FLAGS.precision}"
   scale = _loss_scale()
@@ -230,14 +246,93 @@ def experiment_string() -> str:
     s = f"{FLAGS.model}.{s}"
     # The variant's own options, where they differ from their defaults, so
     # that two configurations never share (and resume) one run directory.
-    prefix = "mamlpp" if FLAGS.model == "mamlpp" else FLAGS.model
-    for name in sorted(FLAGS):
+    for name in _variant_flags():
       flag = FLAGS[name]
-      if name.startswith(prefix + "_") and flag.value != flag.default:
+      if name not in _EVALUATION_ONLY and flag.value != flag.default:
         value = (",".join(flag.value) if isinstance(flag.value, list)
                  else flag.value)
-        s += f".{name[len(prefix) + 1:]}{value}"
+        s += f".{name[len(FLAGS.model) + 1:]}{value}"
   return s
+
+
+# Variant options that change how a trained run is computed or evaluated,
+# not what it learns: a run can be tested with either value.
+_EVALUATION_ONLY = ("anil_cache_features", "mamlpp_bnrs_eval")
+
+
+def _variant_flags() -> list[str]:
+  """``--model``'s own flags (``--metasgd_*`` for metasgd, ...)."""
+  return sorted(name for name in FLAGS if name.startswith(FLAGS.model + "_"))
+
+
+# The flags that decide what a run learns (besides --model, --seed and the
+# variant's own flags): one run directory holds one such configuration.
+_MAML_IDENTITY = ("datasource", "num_classes", "baseline",
+                  "pretrain_iterations", "meta_batch_size", "meta_lr",
+                  "num_updates", "norm", "num_filters", "conv", "max_pool",
+                  "stop_grad", "precision", "loss_scale", "num_query",
+                  "rotation")
+_LEO_IDENTITY = ("dataset_name", "embedding_crop", "train_on_val",
+                 "num_classes", "num_tr_examples_per_class",
+                 "num_val_examples_per_class", "total_examples_per_class",
+                 "num_latents", "inner_unroll_length",
+                 "finetuning_unroll_length", "inner_lr_init",
+                 "finetuning_lr_init", "dropout_rate", "kl_weight",
+                 "encoder_penalty_weight", "l2_penalty_weight",
+                 "orthogonality_penalty_weight", "metatrain_batch_size",
+                 "outer_lr", "gradient_threshold", "gradient_norm_threshold",
+                 "use_64bits_dtype", "metavalid_batch_size",
+                 "num_metavalid_batches")
+
+
+def _training_identity(values: dict) -> dict:
+  """The values, in a ``flags.json``-style dict, of the flags that decide
+  what a run learns.
+
+  For the MAML family the training K and step size are the resolved
+  ``--train_update_*`` values, so a run can be tested with another K or step
+  size, as in the original.
+  """
+  model = values.get("model")
+  names = ["model", "seed"] + list(
+      _LEO_IDENTITY if model == "leo" else _MAML_IDENTITY)
+  names += [n for n in values
+            if n.startswith(f"{model}_") and n not in _EVALUATION_ONLY]
+  identity = {n: values[n] for n in names if n in values}
+  if model != "leo":
+    for name in ("update_batch_size", "update_lr"):
+      if name in values:
+        train = values.get(f"train_{name}", -1)
+        identity[f"train_{name}"] = values[name] if train == -1 else train
+  return identity
+
+
+def _check_run_directory(run_dir: str, flag: str) -> None:
+  """Refuses to resume or test a run directory whose ``flags.json`` shows a
+  run trained with other values of the flags that decide what it learns.
+
+  Args:
+    run_dir: the run directory.
+    flag: the flag that chose it, for the message (--logdir or
+      --checkpoint_path).
+  """
+  path = os.path.join(run_dir, "flags.json")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      saved = _training_identity(json.load(f))
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f"{path}: unreadable ({e}); it records the flags of "
+                         "the run in this directory.") from None
+  current = _training_identity({name: FLAGS[name].value for name in FLAGS})
+  diff = [f"--{n}={saved[n]} there, {current[n]} here" for n in saved
+          if n in current and saved[n] != current[n]]
+  if diff:
+    raise app.UsageError(
+        f"run directory {run_dir} holds a run trained with other flags: "
+        f"{'; '.join(diff)} (its flags.json). Use that run's values or "
+        f"another {flag}.")
 
 
 def save_flags(run_dir: str) -> None:
@@ -433,10 +528,15 @@ def _train_config(run_dir: str):
   print_interval = FLAGS.print_interval
   if print_interval == -1:
     print_interval = 1000 if _is_sinusoid() else 100
+  pretrain, metatrain = FLAGS.pretrain_iterations, FLAGS.metatrain_iterations
+  if FLAGS.baseline == "oracle":
+    # The original's oracle moves every meta-training iteration into
+    # pretraining: Adam on the loss of the amplitude- and phase-aware input.
+    pretrain, metatrain = pretrain + metatrain, 0
   return TrainConfig(
       run_dir=run_dir,
-      num_iterations=FLAGS.metatrain_iterations,
-      pretrain_iterations=FLAGS.pretrain_iterations,
+      num_iterations=metatrain,
+      pretrain_iterations=pretrain,
       meta_batch_size=FLAGS.meta_batch_size,
       meta_lr=FLAGS.meta_lr,
       lr_schedule=("cosine" if FLAGS.model == "mamlpp" and
@@ -486,6 +586,8 @@ def _maml_main() -> None:
   _check_flags()
   tf.random.set_seed(FLAGS.seed)
   run_dir = os.path.join(FLAGS.logdir, experiment_string())
+  if FLAGS.resume or not FLAGS.train:
+    _check_run_directory(run_dir, "--logdir")
   os.makedirs(run_dir, exist_ok=True)
   train_source, val_source, test_source = _task_sources()
   learner = _build_learner(_build_model())
@@ -518,6 +620,7 @@ def _maml_main() -> None:
 
 
 # ------------------------------------------------------------------ LEO
+_MAML_FLAGS = frozenset(FLAGS) - _SHARED_FLAGS
 # deepmind/leo config.py, verbatim (data_path and num_classes are shared, above)
 flags.DEFINE_string(
     "dataset_name", "miniImageNet", "Name of the dataset to "
@@ -611,6 +714,52 @@ flags.DEFINE_string("leo_synthetic_dir", "~/.cache/maml_tf/leo_synthetic",
                     "Where the demo's synthetic embeddings are generated "
                     "(once) when --data_path is not set.")
 
+_LEO_FLAGS = frozenset(FLAGS) - _SHARED_FLAGS - _MAML_FLAGS
+# Flags of the MAML section that LEO reads too.
+_READ_BY_LEO = frozenset({"steps_per_call", "test_after_train", "resume",
+                          "log"})
+# What a user of one family probably meant, in the other's flag names.
+_COUNTERPARTS = {"train": "evaluation_mode", "logdir": "checkpoint_path",
+                 "meta_lr": "outer_lr", "metatrain_iterations":
+                 "num_steps_limit", "meta_batch_size": "metatrain_batch_size",
+                 "update_batch_size": "num_tr_examples_per_class",
+                 "save_interval": "checkpoint_steps",
+                 "num_test_tasks": "num_metatest_tasks"}
+_COUNTERPARTS.update({v: k for k, v in _COUNTERPARTS.items()})
+
+
+def _flag_owner(name: str) -> str | None:
+  """Which ``--model`` values read ``--name``, when not all of them do."""
+  if name in _LEO_FLAGS:
+    return "--model=leo"
+  if name in _MAML_FLAGS - _READ_BY_LEO:
+    variant = name.split("_")[0]
+    if variant in ("anil", "metasgd", "mamlpp"):
+      return f"--model={variant}"
+    return "the MAML-family models"
+  return None
+
+
+def _check_family_flags() -> None:
+  """A flag that ``--model`` does not read, set away from its default, is an
+  error: it would otherwise be silently ignored. (Flagfiles written by
+  ``save_flags`` hold every flag at its value, hence the default test.)"""
+  problems, hints = [], []
+  for name in sorted(FLAGS):
+    flag, owner = FLAGS[name], _flag_owner(name)
+    if (owner is None or not flag.present or flag.value == flag.default or
+        owner == f"--model={FLAGS.model}" or
+        owner == "the MAML-family models" and FLAGS.model != "leo"):
+      continue
+    problems.append(f"--{name} applies to {owner} only")
+    if name in _COUNTERPARTS:
+      hints.append(f"--{_COUNTERPARTS[name]} instead of --{name}")
+  if problems:
+    raise app.UsageError(
+        f"{'; '.join(problems)}, not --model={FLAGS.model}"
+        + (f" (use {', '.join(hints)})" if hints else "") + ".")
+
+
 # Without --data_path: a short run on synthetic embeddings, for the flags the
 # user did not set. Everything else keeps the original's defaults.
 _LEO_DEMO = {
@@ -695,13 +844,20 @@ def _leo_main() -> None:
   tf.random.set_seed(FLAGS.seed)
   steps_per_call = 1 if FLAGS.steps_per_call == -1 else FLAGS.steps_per_call
   if not outer.evaluation_mode:
+    if not FLAGS.resume and os.path.exists(
+        os.path.join(outer.checkpoint_path, "checkpoints", "checkpoint")):
+      raise app.UsageError(
+          f"--resume=False: --checkpoint_path={outer.checkpoint_path} already "
+          "holds a run's checkpoints, which LEO would resume (and overwrite); "
+          "choose another --checkpoint_path.")
+    _check_run_directory(outer.checkpoint_path, "--checkpoint_path")
     os.makedirs(outer.checkpoint_path, exist_ok=True)
     save_flags(outer.checkpoint_path)
   try:
     results = experiment.run(
         data_config, model_config, outer, seed=FLAGS.seed,
         jit_compile=FLAGS.jit_compile, steps_per_call=steps_per_call,
-        test_after_train=FLAGS.test_after_train)
+        test_after_train=FLAGS.test_after_train, log=FLAGS.log)
   except experiment.DATA_ERRORS as e:
     raise app.UsageError(str(e)) from e
   test = results["test"]
@@ -740,6 +896,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  _check_family_flags()
   _configure_xla_cache()
   _configure_tf32()
   if FLAGS.model == "leo":

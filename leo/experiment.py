@@ -27,6 +27,7 @@ from leo import data as data_lib
 from leo.config import DataConfig, ModelConfig, OuterConfig
 from leo.model import LEO
 from maml_tf import evaluation
+from maml_tf.io_utils import recover_replaced_dir
 from maml_tf.training import Trainer, TrainConfig
 
 BEST_DIR = "best_checkpoint"
@@ -37,8 +38,9 @@ RESULTS_BASENAME = "metatest"
 
 
 def train_config(outer: OuterConfig, seed: int = 0, jit_compile: bool = True,
-                 steps_per_call: int = 1) -> TrainConfig:
-  """The Trainer settings of the original's loop."""
+                 steps_per_call: int = 1, log: bool = True) -> TrainConfig:
+  """The Trainer settings of the original's loop (``log``: write
+  TensorBoard summaries)."""
   log_every = max(outer.checkpoint_steps // 2, steps_per_call)
   save_every = max(outer.checkpoint_steps, steps_per_call)
   return TrainConfig(
@@ -53,6 +55,7 @@ def train_config(outer: OuterConfig, seed: int = 0, jit_compile: bool = True,
       print_every=log_every,
       val_every=0 if outer.evaluation_mode else save_every,
       val_num_tasks=outer.num_metavalid_tasks,
+      val_fixed_tasks=True,
       val_batch_size=outer.eval_batch_size,
       save_every=save_every,
       max_to_keep=5,  # tf.train.Saver's default
@@ -60,7 +63,8 @@ def train_config(outer: OuterConfig, seed: int = 0, jit_compile: bool = True,
       steps_per_call=steps_per_call,
       jit_compile=jit_compile,
       resume=True,
-      seed=seed)
+      seed=seed,
+      log=log)
 
 
 def find_checkpoint(run_dir: str) -> tuple[str | None, str]:
@@ -70,6 +74,7 @@ def find_checkpoint(run_dir: str) -> tuple[str | None, str]:
   Returns:
     ``(path or None, 'best' | 'latest')``.
   """
+  recover_replaced_dir(os.path.join(run_dir, BEST_DIR))
   for directory in (os.path.join(run_dir, BEST_DIR), run_dir):
     info_file = os.path.join(directory, "best.json")
     if os.path.exists(info_file):
@@ -141,7 +146,8 @@ def validate_at_start(trainer: Trainer, val_source) -> float:
 
 def run(data_config: DataConfig, model_config: ModelConfig,
         outer: OuterConfig, *, seed: int = 0, jit_compile: bool = True,
-        steps_per_call: int = 1, test_after_train: bool = True) -> dict:
+        steps_per_call: int = 1, test_after_train: bool = True,
+        log: bool = True) -> dict:
   """Meta-trains (resuming if possible) and/or tests, as ``runner.py``.
 
   Returns:
@@ -162,7 +168,7 @@ def run(data_config: DataConfig, model_config: ModelConfig,
 
   learner = LEO(model_config)
   trainer = Trainer(learner, train_config(outer, seed, jit_compile,
-                                          steps_per_call))
+                                          steps_per_call, log))
   results = {"train": None, "test": None}
   if not outer.evaluation_mode:
     if test_after_train:  # fail now, not after training, if it is missing

@@ -48,3 +48,11 @@ def atomic_replace_dir(src: str, dst: str) -> None:
   os.replace(src, dst)
   if old is not None:
     shutil.rmtree(old)
+
+
+def recover_replaced_dir(dst: str) -> None:
+  """Undoes the first half of an ``atomic_replace_dir`` that was killed
+  between its two renames: puts ``dst``'s old version back in place."""
+  old = dst + ".old"
+  if not os.path.exists(dst) and os.path.exists(old):
+    os.replace(old, dst)

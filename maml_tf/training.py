@@ -39,7 +39,8 @@ from absl import logging
 
 from maml_tf import data as data_lib
 from maml_tf import evaluation
-from maml_tf.io_utils import atomic_replace_dir, atomic_write
+from maml_tf.io_utils import (atomic_replace_dir, atomic_write,
+                               recover_replaced_dir)
 from maml_tf.tasks import TaskBatch
 
 
@@ -51,7 +52,8 @@ class TrainConfig:
     run_dir: where summaries, checkpoints and results go.
     num_iterations: meta-training iterations (``--metatrain_iterations``).
     pretrain_iterations: iterations of the pre-update-loss baseline that run
-      first (``--pretrain_iterations``).
+      first (``--pretrain_iterations``). As the original's ``pretrain_op``
+      they have their own Adam (``meta_lr``, no schedule) and no clipping.
     meta_batch_size: tasks per meta-step (``--meta_batch_size``).
     meta_lr: Adam learning rate (``--meta_lr``).
     lr_schedule: 'constant', or 'cosine' annealing to ``min_meta_lr`` over the
@@ -65,6 +67,10 @@ class TrainConfig:
     print_every: progress-line interval (the original: 100, sinusoid 1000).
     val_every: meta-validation interval (0: never).
     val_num_tasks: tasks per meta-validation (default: one meta-batch).
+    val_fixed_tasks: validate on the same tasks every time (LEO's protocol
+      here, so that best-checkpoint selection compares like with like);
+      False: new tasks at each validation, as the original MAML's
+      meta-validation queue.
     val_batch_size: tasks per compiled validation call.
     save_every: checkpoint interval (the original: 1000).
     max_to_keep: checkpoints kept (the original: 10).
@@ -92,6 +98,7 @@ class TrainConfig:
   print_every: int = 100
   val_every: int = 500
   val_num_tasks: int | None = None
+  val_fixed_tasks: bool = False
   val_batch_size: int | None = None
   save_every: int = 1000
   max_to_keep: int = 10
@@ -149,7 +156,9 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
   lr = config.meta_lr
   if config.lr_schedule == "cosine":
     lr = keras.optimizers.schedules.CosineDecay(
-        config.meta_lr, max(config.total_iterations, 1),
+        # Over the meta-training iterations: pretraining has its own Adam,
+        # and this one's step count starts with meta-training.
+        config.meta_lr, max(config.num_iterations, 1),
         alpha=config.min_meta_lr / config.meta_lr if config.meta_lr else 0.0)
   return keras.optimizers.Adam(lr, epsilon=config.adam_epsilon)
 
@@ -168,12 +177,17 @@ class Trainer:
     self.variables = list(learner.trainable_variables)
     self.optimizer = make_optimizer(config)
     self.optimizer.build(self.variables)
+    # The original's pretrain_op is a separate AdamOptimizer, so meta-training
+    # starts with fresh moments; only runs that pretrain checkpoint it.
+    self.pretrain_optimizer = None
+    if config.pretrain_iterations:
+      self.pretrain_optimizer = keras.optimizers.Adam(
+          config.meta_lr, epsilon=config.adam_epsilon)
+      self.pretrain_optimizer.build(self.variables)
     self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     self.nonfinite_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
                                        name="nonfinite_steps")
-    self.checkpoint = tf.train.Checkpoint(
-        learner=learner, optimizer=self.optimizer, step=self.step,
-        nonfinite_steps=self.nonfinite_steps)
+    self.checkpoint = tf.train.Checkpoint(**self._checkpointed())
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, os.path.join(config.run_dir, "checkpoints"),
         max_to_keep=config.max_to_keep, checkpoint_name="model")
@@ -204,6 +218,9 @@ class Trainer:
     fallback = getattr(self.learner, "fallback_gradients", None)
 
     def apply(gradients):
+      if pretrain:  # the original's pretrain_op: plain Adam, no clipping
+        self.pretrain_optimizer.apply(gradients, self.variables)
+        return tf.constant(0)
       gradients = clip_gradients(gradients, self.config.clip_value,
                                  self.config.clip_norm)
       self.optimizer.apply(gradients, self.variables)
@@ -286,6 +303,17 @@ class Trainer:
     return self._functions["evaluate"]
 
   # ---------------------------------------------------------- checkpointing
+  def _checkpointed(self, weights_only: bool = False) -> dict:
+    """The objects a checkpoint holds (the learner and the step alone for
+    ``weights_only``)."""
+    objects = {"learner": self.learner, "step": self.step}
+    if not weights_only:
+      objects.update(optimizer=self.optimizer,
+                     nonfinite_steps=self.nonfinite_steps)
+      if self.pretrain_optimizer is not None:
+        objects["pretrain_optimizer"] = self.pretrain_optimizer
+    return objects
+
   def restore(self, checkpoint_path: str | None = None,
               weights_only: bool = False) -> int:
     """Restores a checkpoint (default: the latest); returns the step.
@@ -297,13 +325,11 @@ class Trainer:
     """
     path = checkpoint_path or self.manager.latest_checkpoint
     if path:
-      objects = {"learner": self.learner, "step": self.step}
-      if not weights_only:
-        objects.update(optimizer=self.optimizer,
-                       nonfinite_steps=self.nonfinite_steps)
-      # A fresh Checkpoint object: best checkpoints are written with
-      # ``Checkpoint.write``, which stores no save counter.
-      status = tf.train.Checkpoint(**objects).restore(path)
+      # ``read``, not ``restore``: best checkpoints are written with
+      # ``Checkpoint.write``, which stores no save counter (none at all
+      # before the first regular save), and ``restore`` would demand one.
+      status = tf.train.Checkpoint(**self._checkpointed(weights_only)).read(
+          path)
       status.assert_existing_objects_matched()
       if weights_only:
         status.expect_partial()
@@ -346,14 +372,18 @@ class Trainer:
       else:
         tf.summary.scalar(f"{prefix}/{name}", mean[0], step=step)
 
-  def validate(self, val_source) -> dict:
-    """Meta-validation on tasks ``0..val_num_tasks-1`` of ``val_source``."""
+  def validate(self, val_source, index: int = 0) -> dict:
+    """Meta-validation number ``index`` (0, 1, ...): ``val_num_tasks`` tasks
+    of ``val_source``, the first ones for every index with
+    ``val_fixed_tasks``, else the index-th block of them."""
     c = self.config
     num_tasks = c.val_num_tasks or c.meta_batch_size
+    batch_size = c.val_batch_size or min(num_tasks, c.meta_batch_size)
+    first_batch = 0 if c.val_fixed_tasks else index * -(-num_tasks //
+                                                          batch_size)
     result = evaluation.evaluate(
-        self._evaluate_function(), val_source, num_tasks,
-        c.val_batch_size or min(num_tasks, c.meta_batch_size),
-        jit_compile=None)  # already compiled
+        self._evaluate_function(), val_source, num_tasks, batch_size,
+        start_index=first_batch, jit_compile=None)  # already compiled
     return result.values
 
   def train(self, train_source, val_source=None) -> dict:
@@ -366,6 +396,7 @@ class Trainer:
     os.makedirs(c.run_dir, exist_ok=True)
     if c.resume:
       self.restore()
+    recover_replaced_dir(os.path.join(c.run_dir, "best_checkpoint"))
     best_file = os.path.join(c.run_dir, "best_checkpoint", "best.json")
     if c.keep_best and os.path.exists(best_file):
       with open(best_file) as f:  # never overwrite a better earlier best
@@ -451,7 +482,8 @@ class Trainer:
 
       if (val_source is not None and c.val_every and step % c.val_every == 0
           and step > c.pretrain_iterations):
-        results = self.validate(val_source)
+        # Numbered by step, so a resumed run validates on the same tasks.
+        results = self.validate(val_source, step // c.val_every - 1)
         with writer.as_default():
           self._write_eval_summaries("metaval", results, step)
         summary = {n: float(np.atleast_1d(evaluation.summarize(v)["mean"])[-1])

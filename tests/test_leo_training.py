@@ -143,6 +143,9 @@ def test_find_checkpoint_prefers_the_best(tmp_path):
   assert experiment.find_checkpoint(str(tmp_path)) == (best, "best")
   # The original's habit: --checkpoint_path=<run>/best_checkpoint.
   assert experiment.find_checkpoint(os.path.dirname(best)) == (best, "best")
+  # Killed between atomic_replace_dir's two renames: the old one comes back.
+  os.rename(os.path.dirname(best), os.path.dirname(best) + ".old")
+  assert experiment.find_checkpoint(str(tmp_path)) == (best, "best")
   os.rename(os.path.dirname(best), str(tmp_path / "elsewhere"))
   latest, which = experiment.find_checkpoint(str(tmp_path))
   assert which == "latest" and latest.endswith("model-4")
@@ -167,6 +170,15 @@ def test_train_then_test_then_evaluation_mode(small_root, tmp_path):
   assert again["train"] is None
   assert again["test"]["accuracy"] == test["accuracy"]
   assert again["test"]["step"] == info["step"]
+
+
+def test_best_checkpoint_of_step_zero_is_tested(small_root, tmp_path):
+  """No validation after step 0 beats it (here: none runs), so the test
+  restores the step-0 best checkpoint, written before any regular save."""
+  dc = DataConfig(small_root, total_examples_per_class=30)
+  outer = outer_config(tmp_path, num_steps_limit=2, checkpoint_steps=4)
+  results = experiment.run(dc, model_config(), outer, jit_compile=False)
+  assert results["test"]["which"] == "best" and results["test"]["step"] == 0
 
 
 def test_missing_checkpoint_and_width_mismatch_are_reported(small_root,
@@ -221,6 +233,19 @@ def test_runner_demo_mode_and_evaluation_mode(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Using the cached synthetic embeddings" in proc.stderr
   assert "best checkpoint" in proc.stdout
+
+  # The run directory holds this run: another configuration may not resume
+  # it, nor may --resume=False overwrite it; MAML-only flags are refused.
+  for flags, message in [
+      (["--kl_weight=0.5"], "--kl_weight=0.001 there, 0.5 here"),
+      (["--resume=False"], "--resume=False: --checkpoint_path="),
+      (["--train=False"], "--train applies to the MAML-family models only, "
+       "not --model=leo (use --evaluation_mode instead of --train)"),
+  ]:
+    proc = run_runner(tiny + flags, tmp_path / "cache")
+    assert proc.returncode != 0 and message in proc.stderr, (
+        flags, proc.stderr[-2000:])
+  assert json.loads((run_dir / "flags.json").read_text())["kl_weight"] == 1e-3
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -62,6 +62,55 @@ def test_train_test_resume_and_test_mode(tmp_path):
   assert "test results after 300 iterations" in proc.stdout
 
 
+def test_run_directories_keep_configurations_apart(tmp_path):
+  """A second seed gets its own run directory; a run directory refuses a
+  command whose flags would train something else; a test may change K."""
+  short = SINE + [f"--logdir={tmp_path}", "--metatrain_iterations=100",
+                  "--val_interval=0", "--test_after_train=False",
+                  "--jit_compile=False"]
+  run(short)
+  proc = run(short + ["--seed=1"])
+  assert "Meta-training from step 0 to 100" in proc.stderr  # not resumed
+  plain = tmp_path / "cls_5.mbs_25.ubs_10.numstep1.updatelr0.01nonorm"
+  seed1 = tmp_path / (plain.name + ".seed1")
+  assert (seed1 / "checkpoints" / "model-100.index").exists()
+  assert json.loads((seed1 / "flags.json").read_text())["seed"] == 1
+  assert json.loads((plain / "flags.json").read_text())["seed"] == 0
+
+  # Test mode with another K and step size (the original's train_update_*).
+  proc = run(short + ["--train=False", "--update_batch_size=5",
+                      "--train_update_batch_size=10", "--update_lr=0.02",
+                      "--train_update_lr=0.01", "--num_test_tasks=20"])
+  assert "val results after 100 iterations" in proc.stdout
+  assert (plain / "val_ubs5_stepsize0.02.csv").exists()
+
+  # A seed-1 run in the plain directory (as an older version named it).
+  (plain / "flags.json").write_text((seed1 / "flags.json").read_text())
+  for extra in ([], ["--train=False"]):
+    proc = run(short + extra, check=False)
+    assert proc.returncode != 0
+    assert "--seed=1 there, 0 here" in proc.stderr and str(plain) in proc.stderr
+
+  # Flags --model=maml does not read would be ignored: refused, with hints.
+  proc = run(short + ["--outer_lr=0.01", "--mamlpp_msl=False"], check=False)
+  assert proc.returncode != 0
+  assert ("--mamlpp_msl applies to --model=mamlpp only; --outer_lr applies to "
+          "--model=leo only, not --model=maml (use --meta_lr instead of "
+          "--outer_lr)") in proc.stderr
+
+
+def test_oracle_baseline_is_pretrained_not_meta_trained(tmp_path):
+  """The original moves every meta-training iteration of the oracle into
+  pretraining (Adam on the loss of the amplitude- and phase-aware input)."""
+  proc = run(SINE + [f"--logdir={tmp_path}", "--baseline=oracle",
+                     "--metatrain_iterations=200", "--print_interval=100",
+                     "--val_interval=0", "--num_test_tasks=20",
+                     "--jit_compile=False"])
+  assert "pretrain step 200/200" in proc.stderr
+  assert (tmp_path / "cls_5.mbs_25.ubs_10.numstep1.updatelr0.01oraclenonorm"
+          / "checkpoints" / "model-200.index").exists()
+
+
 def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
   proc = run(SINE + [f"--logdir={tmp_path}", "--train=False"], check=False)
   assert proc.returncode != 0

@@ -51,6 +51,10 @@ def test_each_family_model_trains_and_tests(tmp_path, model, flags, prefix):
   # MAML++ anneals the meta learning rate to --mamlpp_min_meta_lr.
   expected = 1e-5 if model == "mamlpp" else 1e-3
   assert last_scalar(run_dir, "metatrain/meta_lr") == pytest.approx(expected)
+  if model == "mamlpp":  # an evaluation-only option tests the same run
+    proc = run([f"--model={model}", f"--logdir={tmp_path}", "--train=False",
+                "--mamlpp_bnrs_eval=True"] + SINE + flags)
+    assert "val results after 20 iterations" in proc.stdout
 
 
 @pytest.mark.parametrize("flag,message", [

@@ -133,6 +133,20 @@ def test_best_checkpoint_is_replaced_atomically(tmp_path):
   assert not (tmp_path / "best_checkpoint.old").exists()
 
 
+def test_best_checkpoint_written_before_any_save_restores(tmp_path):
+  """LEO keeps step 0's weights as the first best, before the first regular
+  checkpoint (which is what creates a checkpoint's save counter)."""
+  trainer = make_trainer(tmp_path, 1, jit=False, keep_best="query_loss")
+  weights = helpers.flat(trainer.learner.trainable_variables)
+  trainer.save_best(0.5)
+  for v in trainer.learner.trainable_variables:
+    v.assign(tf.zeros_like(v))
+  info = json.loads((tmp_path / "best_checkpoint" / "best.json").read_text())
+  trainer.restore(str(tmp_path / "best_checkpoint" / info["checkpoint"]))
+  np.testing.assert_array_equal(
+      helpers.flat(trainer.learner.trainable_variables), weights)
+
+
 def test_config_rejects_misaligned_intervals(tmp_path):
   with pytest.raises(ValueError, match="log_every=30 must be a multiple"):
     training.TrainConfig(run_dir=str(tmp_path), num_iterations=10,
@@ -142,7 +156,7 @@ def test_config_rejects_misaligned_intervals(tmp_path):
 def test_cosine_schedule_reaches_min_lr(tmp_path):
   config = training.TrainConfig(run_dir=str(tmp_path), num_iterations=100,
                                 meta_lr=1e-3, lr_schedule="cosine",
-                                min_meta_lr=1e-5)
+                                min_meta_lr=1e-5, pretrain_iterations=50)
   opt = training.make_optimizer(config)
   schedule = opt._learning_rate
   assert float(schedule(0)) == pytest.approx(1e-3)
@@ -166,12 +180,56 @@ def test_pretrain_phase_optimises_the_pre_update_support_loss(tmp_path):
                                          original_meta(b, s))[1]
   trainer.train(train)
   assert calls[0] == "pre" and calls[-1] == "meta"
-  assert int(trainer.optimizer.iterations.numpy()) == 20
+  # The original's pretrain_op is its own Adam: meta-training starts fresh.
+  assert int(trainer.pretrain_optimizer.iterations.numpy()) == 10
+  assert int(trainer.optimizer.iterations.numpy()) == 10
   batch = helpers.to_tensors(train.batch(0, 4))
   loss, metrics = original_pretrain(batch, 0)
   assert float(loss) == pytest.approx(float(metrics["pre_update_loss"]))
   assert float(loss) == pytest.approx(
       float(np.mean(learner.evaluate(batch, 0)["support_loss"])), rel=1e-5)
+
+
+def test_pretraining_is_not_clipped_and_resumes_exactly(tmp_path):
+  """Clipping belongs to the meta-update (the original clips metatrain_op
+  only), and a run killed during pretraining resumes with its optimiser."""
+  train, _ = sine_sources()
+  kwargs = dict(pretrain_iterations=20, steps_per_call=5, log_every=5,
+                print_every=5, val_every=0, save_every=10)
+  clipped = make_trainer(tmp_path / "clip", 0, clip_value=1e-12, **kwargs)
+  before = helpers.flat(clipped.learner.trainable_variables)
+  clipped.train(train)
+  moved = np.abs(helpers.flat(clipped.learner.trainable_variables) - before)
+  # 20 Adam steps of 1e-3 move weights by up to 2e-2; gradients clipped to
+  # 1e-12 would move them by about 1e-4 times that (Adam's epsilon is 1e-8).
+  assert moved.max() > 5e-3
+
+  straight = make_trainer(tmp_path / "a", 10, **kwargs)
+  straight.train(train)
+  make_trainer(tmp_path / "b", 0, **dict(kwargs, pretrain_iterations=10)
+               ).train(train)  # "killed" in pretraining, after 10 steps
+  resumed = make_trainer(tmp_path / "b", 10, **kwargs)
+  resumed.train(train)
+  assert int(resumed.pretrain_optimizer.iterations.numpy()) == 20
+  np.testing.assert_array_equal(
+      helpers.flat(straight.learner.trainable_variables),
+      helpers.flat(resumed.learner.trainable_variables))
+
+
+def test_validation_draws_new_tasks_unless_fixed(tmp_path):
+  """The original MAML's meta-validation takes the next batch of its
+  validation queue each time; LEO's protocol here keeps them fixed."""
+  _, val = sine_sources()
+  seen = {}
+  for fixed in (False, True):
+    trainer = make_trainer(tmp_path / str(fixed), 0, val_fixed_tasks=fixed)
+    results = [trainer.validate(val, i)["support_loss"] for i in range(2)]
+    seen[fixed] = results
+    again = trainer.validate(val, 1)["support_loss"]
+    np.testing.assert_array_equal(again, results[1])  # a function of index
+  assert not np.array_equal(seen[False][0], seen[False][1])
+  np.testing.assert_array_equal(seen[False][0], seen[True][0])
+  np.testing.assert_array_equal(seen[True][0], seen[True][1])
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True])

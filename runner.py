@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,9 +29,11 @@ import maml_tf  # noqa: E402,F401  (before TensorFlow: sets its environment)
 FLAGS = flags.FLAGS
 
 # ------------------------------------------------------------ shared flags
-flags.DEFINE_enum("model", "leo", ["leo", "maml", "anil", "metasgd", "mamlpp"],
+flags.DEFINE_enum("model", "leo",
+                  ["leo", "maml", "fomaml", "anil", "metasgd", "mamlpp"],
                   "Algorithm to run: leo (Rusu et al. 2019), maml (Finn et al. "
-                  "2017; first-order with --stop_grad), anil (Raghu et al. "
+                  "2017; first-order with --stop_grad, or fomaml, which "
+                  "means --model=maml --stop_grad), anil (Raghu et al. "
                   "2020), metasgd (Li et al. 2017), mamlpp (Antoniou et al. "
                   "2019).")
 flags.DEFINE_string("data_path", None,
@@ -307,15 +310,23 @@ def _training_identity(values: dict) -> dict:
   return identity
 
 
-def _check_run_directory(run_dir: str, flag: str) -> None:
+def _check_run_directory(run_dir: str, flag: str, training: bool) -> None:
   """Refuses to resume or test a run directory whose ``flags.json`` shows a
-  run trained with other values of the flags that decide what it learns.
+  run trained with other values of the flags that decide what it learns, and
+  to train afresh (``--resume=False``) over a run's checkpoints.
 
   Args:
     run_dir: the run directory.
     flag: the flag that chose it, for the message (--logdir or
       --checkpoint_path).
+    training: the command trains (else it only evaluates).
   """
+  if training and not FLAGS.resume and os.path.exists(
+      os.path.join(run_dir, "checkpoints", "checkpoint")):
+    raise app.UsageError(
+        f"--resume=False: run directory {run_dir} already holds a run's "
+        "checkpoints, which a new run would overwrite in part; choose "
+        f"another {flag} (or delete the old run).")
   path = os.path.join(run_dir, "flags.json")
   if not os.path.exists(path):
     return
@@ -369,6 +380,14 @@ def _check_flags() -> None:
       raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
   if FLAGS.num_updates < 1:
     raise app.UsageError(f"--num_updates must be >= 1, got {FLAGS.num_updates}")
+  for name in ("metatrain_iterations", "pretrain_iterations", "update_lr"):
+    if getattr(FLAGS, name) < 0:
+      raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
+  if FLAGS.meta_lr <= 0:
+    raise app.UsageError(f"--meta_lr must be > 0, got {FLAGS.meta_lr}")
+  if FLAGS.test_num_updates < -1:
+    raise app.UsageError(f"--test_num_updates must be >= 0 (or -1: the "
+                         f"original's rule), got {FLAGS.test_num_updates}")
   _loss_scale()
   from maml_tf import image_data
   if FLAGS.datasource not in ("sinusoid",) + image_data.DATASOURCES:
@@ -521,7 +540,6 @@ def _build_learner(model):
 
 
 def _train_config(run_dir: str):
-  from maml_tf.training import TrainConfig
   steps_per_call = FLAGS.steps_per_call
   if steps_per_call == -1:
     steps_per_call = 100 if _is_sinusoid() else 1
@@ -533,6 +551,27 @@ def _train_config(run_dir: str):
     # The original's oracle moves every meta-training iteration into
     # pretraining: Adam on the loss of the amplitude- and phase-aware input.
     pretrain, metatrain = pretrain + metatrain, 0
+  try:
+    return _make_train_config(run_dir, pretrain, metatrain, print_interval,
+                              steps_per_call)
+  except ValueError as e:  # in TrainConfig's names: give the flags' names
+    message = str(e)
+    for field, flag in [("log_every", "--summary_interval"),
+                        ("print_every", "--print_interval"),
+                        ("val_every", "--val_interval"),
+                        ("save_every", "--save_interval"),
+                        ("pretrain_iterations", "--pretrain_iterations"),
+                        ("steps_per_call", "--steps_per_call")]:
+      message = message.replace(field, flag)
+    if "--steps_per_call" in message:
+      message += (" (--steps_per_call meta-steps run per compiled call: 100 "
+                  "by default for the sinusoid, else 1)")
+    raise app.UsageError(message) from None
+
+
+def _make_train_config(run_dir: str, pretrain: int, metatrain: int,
+                       print_interval: int, steps_per_call: int):
+  from maml_tf.training import TrainConfig
   return TrainConfig(
       run_dir=run_dir,
       num_iterations=metatrain,
@@ -573,6 +612,9 @@ def _evaluate_and_report(learner, trainer, source, split: str) -> None:
     basename += f"_iter{FLAGS.test_iter}"
   paths = result.write(trainer.config.run_dir, basename)
   step = int(trainer.step.numpy())
+  if split == "test":  # the test-split means, as LEO's metatest/ scalars
+    trainer.write_eval_summaries("metatest", result.values, step)
+    trainer.writer.flush()
   table = result.table()
   print(f"\n{split} results after {step} iterations "
         f"({FLAGS.num_test_tasks} tasks, {result.seconds:.1f} s):\n{table}\n"
@@ -586,12 +628,14 @@ def _maml_main() -> None:
   _check_flags()
   tf.random.set_seed(FLAGS.seed)
   run_dir = os.path.join(FLAGS.logdir, experiment_string())
-  if FLAGS.resume or not FLAGS.train:
-    _check_run_directory(run_dir, "--logdir")
-  os.makedirs(run_dir, exist_ok=True)
+  _check_run_directory(run_dir, "--logdir", training=FLAGS.train)
+  config = _train_config(run_dir)
+  if not FLAGS.train:  # never silently evaluate random weights (the original)
+    checkpoint = _test_checkpoint(run_dir)
   train_source, val_source, test_source = _task_sources()
   learner = _build_learner(_build_model())
-  config = _train_config(run_dir)
+  # Only now, with the flags and the data checked, does the run directory
+  # get anything (the Trainer opens its TensorBoard file).
   trainer = training.Trainer(learner, config)
   if FLAGS.train:
     save_flags(run_dir)
@@ -601,22 +645,29 @@ def _maml_main() -> None:
     if FLAGS.test_after_train:
       _evaluate_and_report(learner, trainer, test_source, "test")
     return
-  # Test mode: never silently evaluate random weights (a bug of the original).
-  if FLAGS.test_iter > 0:
-    path = os.path.join(run_dir, "checkpoints", f"model-{FLAGS.test_iter}")
-    if not tf.io.gfile.exists(path + ".index"):
-      raise app.UsageError(f"--test_iter={FLAGS.test_iter}: no checkpoint "
-                           f"{path}.")
-  else:
-    path = trainer.manager.latest_checkpoint
-    if path is None:
-      raise app.UsageError(f"--train=False: no checkpoint in {run_dir}/"
-                           "checkpoints; train first, or check --logdir and "
-                           "the flags that name the run directory.")
-  trainer.restore(path)
+  trainer.restore(checkpoint)
   split = "test" if FLAGS.test_set else "val"
   _evaluate_and_report(learner, trainer,
                        test_source if FLAGS.test_set else val_source, split)
+
+
+def _test_checkpoint(run_dir: str) -> str:
+  """The checkpoint ``--train=False`` evaluates: ``--test_iter``'s, else the
+  latest."""
+  import tensorflow as tf
+  directory = os.path.join(run_dir, "checkpoints")
+  if FLAGS.test_iter > 0:
+    path = os.path.join(directory, f"model-{FLAGS.test_iter}")
+    if not tf.io.gfile.exists(path + ".index"):
+      raise app.UsageError(f"--test_iter={FLAGS.test_iter}: no checkpoint "
+                           f"{path}.")
+    return path
+  path = tf.train.latest_checkpoint(directory)
+  if path is None:
+    raise app.UsageError(f"--train=False: no checkpoint in {directory}; "
+                         "train first, or check --logdir and the flags that "
+                         "name the run directory.")
+  return path
 
 
 # ------------------------------------------------------------------ LEO
@@ -844,20 +895,16 @@ def _leo_main() -> None:
   tf.random.set_seed(FLAGS.seed)
   steps_per_call = 1 if FLAGS.steps_per_call == -1 else FLAGS.steps_per_call
   if not outer.evaluation_mode:
-    if not FLAGS.resume and os.path.exists(
-        os.path.join(outer.checkpoint_path, "checkpoints", "checkpoint")):
-      raise app.UsageError(
-          f"--resume=False: --checkpoint_path={outer.checkpoint_path} already "
-          "holds a run's checkpoints, which LEO would resume (and overwrite); "
-          "choose another --checkpoint_path.")
-    _check_run_directory(outer.checkpoint_path, "--checkpoint_path")
-    os.makedirs(outer.checkpoint_path, exist_ok=True)
-    save_flags(outer.checkpoint_path)
+    _check_run_directory(outer.checkpoint_path, "--checkpoint_path",
+                         training=True)
   try:
     results = experiment.run(
         data_config, model_config, outer, seed=FLAGS.seed,
         jit_compile=FLAGS.jit_compile, steps_per_call=steps_per_call,
-        test_after_train=FLAGS.test_after_train, log=FLAGS.log)
+        test_after_train=FLAGS.test_after_train, log=FLAGS.log,
+        # Once the data has loaded: a failing command leaves the flags of
+        # the run already in the directory as they were.
+        before_training=lambda: save_flags(outer.checkpoint_path))
   except experiment.DATA_ERRORS as e:
     raise app.UsageError(str(e)) from e
   test = results["test"]
@@ -896,6 +943,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  if FLAGS.model == "fomaml":  # the original's spelling is --stop_grad
+    FLAGS.model, FLAGS.stop_grad = "maml", True
   _check_family_flags()
   _configure_xla_cache()
   _configure_tf32()
@@ -905,5 +954,16 @@ def main(argv) -> None:
     _maml_main()
 
 
+def _main(argv) -> None:
+  """``main``, with a usage error reported in one line: absl would print
+  the help of every flag of this module (some 300 lines) above it."""
+  try:
+    main(argv)
+  except app.UsageError as e:
+    sys.stderr.write(f"runner.py: error: {e}\n(python runner.py --helpfull "
+                     "lists every flag.)\n")
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main)

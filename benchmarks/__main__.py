@@ -230,6 +230,13 @@ def main() -> None:
       results.append(result)
     print(report.markdown_table(results))
     return
+  if args.blocks < 1 or args.block_seconds <= 0:
+    parser.error(f"--blocks={args.blocks} and --block_seconds="
+                 f"{args.block_seconds}: expected at least 1 block of more "
+                 "than 0 s")
+  if args.steps_per_call < 0:
+    parser.error(f"--steps_per_call={args.steps_per_call}: expected >= 1, "
+                 "or 0 for each workload's default")
 
   import tensorflow as tf
 

@@ -15,13 +15,12 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
 
 from maml_tf import image_data
-from maml_tf.io_utils import atomic_replace_dir
+from maml_tf.io_utils import atomic_replace_dir, make_temp_dir
 
 
 class PrepError(Exception):
@@ -78,8 +77,8 @@ class CacheWriter:
   def __enter__(self) -> "CacheWriter":
     parent = os.path.dirname(self.output)
     os.makedirs(parent, exist_ok=True)
-    self.tmp = tempfile.mkdtemp(
-        prefix=f".tmp-{os.path.basename(self.output)}-", dir=parent)
+    self.tmp = make_temp_dir(f".tmp-{os.path.basename(self.output)}-",
+                             parent)
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:

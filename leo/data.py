@@ -282,7 +282,12 @@ def task_source(dataset: ClassDataset, split: str, num_classes: int,
         num_classes, num_shots, num_query, layout=CLASS_MAJOR, seed=seed),
                         split)
   except ValueError as e:
-    raise EmbeddingsError(str(e)) from e
+    query = ("--num_val_examples_per_class" if split == "train" else
+             "--total_examples_per_class minus the support (all remaining "
+             "examples of a class)")
+    raise EmbeddingsError(
+        f"{e}; the support size is --num_tr_examples_per_class={num_shots}, "
+        f"the query size {num_query} is {query}") from e
 
 
 def task_sources(data_config: DataConfig, num_classes: int, num_shots: int,

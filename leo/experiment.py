@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import tensorflow as tf
 from absl import logging
@@ -147,8 +148,12 @@ def validate_at_start(trainer: Trainer, val_source) -> float:
 def run(data_config: DataConfig, model_config: ModelConfig,
         outer: OuterConfig, *, seed: int = 0, jit_compile: bool = True,
         steps_per_call: int = 1, test_after_train: bool = True,
-        log: bool = True) -> dict:
+        log: bool = True, before_training: Callable[[], None] | None = None
+        ) -> dict:
   """Meta-trains (resuming if possible) and/or tests, as ``runner.py``.
+
+  ``before_training`` is called once the training data has loaded (the
+  runner writes the run's flags then).
 
   Returns:
     ``{"train": Trainer.train's dict or None, "test": evaluate_test's dict or
@@ -174,6 +179,8 @@ def run(data_config: DataConfig, model_config: ModelConfig,
     if test_after_train:  # fail now, not after training, if it is missing
       data_lib.embeddings_file(data_config, "test")
     sources = load(("train", "val"))
+    if before_training is not None:
+      before_training()
     if trainer.restore() == 0:
       validate_at_start(trainer, sources["val"])
     results["train"] = trainer.train(sources["train"], sources["val"])

@@ -30,10 +30,11 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 
 import numpy as np
 from absl import logging
+
+from maml_tf.io_utils import make_temp_dir
 
 SPLITS = ("train", "val", "test")
 _VERSION = 1
@@ -151,7 +152,7 @@ def ensure_synthetic_embeddings(cache_dir: str,
                "classes, %d per class, d=%d) into %s ...",
                "/".join(map(str, config.num_classes)),
                config.examples_per_class, config.embedding_dim, root)
-  tmp = tempfile.mkdtemp(prefix=f".tmp-{config.tag}-", dir=cache_dir)
+  tmp = make_temp_dir(f".tmp-{config.tag}-", cache_dir)
   try:
     write(tmp, generate(config))
     with open(os.path.join(tmp, "synthetic.json"), "w") as f:

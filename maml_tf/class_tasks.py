@@ -170,9 +170,8 @@ class FewShotTasks:
                split: str = "train"):
     per_class = config.num_shots + config.num_query
     dataset.check(config.num_classes, per_class,
-                  f"--update_batch_size={config.num_shots} support + "
-                  f"{config.num_query} query examples per class, {split} "
-                  "split")
+                  f"{config.num_shots} support + {config.num_query} query "
+                  f"examples per class, {split} split")
     self.dataset = dataset
     self.config = config
     self.split = split

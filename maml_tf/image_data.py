@@ -310,9 +310,10 @@ def task_sources(config: ImageTasksConfig, val_meta_test: bool = False
     try:
       return FewShotTasks(splits[split], task_config, split)
     except ValueError as e:
-      raise ValueError(f"{e}; the query size {num_query} comes from "
-                       f"{flag}={getattr(config, flag[2:])} (-1: the "
-                       "original's rule)") from e
+      raise ValueError(f"{e}; the support size is --update_batch_size="
+                       f"{config.num_shots}, the query size {num_query} "
+                       f"comes from {flag}={getattr(config, flag[2:])} (-1: "
+                       "the original's rule)") from e
 
   return (make("train", False), make("val", val_meta_test),
           make("test", True))

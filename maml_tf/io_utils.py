@@ -8,6 +8,23 @@ import shutil
 import tempfile
 
 
+def umask_mode(mode: int) -> int:
+  """``mode`` less the process's umask: what ``open``/``mkdir`` would give.
+  ``tempfile`` creates files 0600 and directories 0700, which would keep a
+  team's results and dataset caches from everyone but their writer."""
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return mode & ~umask
+
+
+def make_temp_dir(prefix: str, parent: str) -> str:
+  """A new directory in ``parent`` for output to be renamed into place,
+  with the permissions of an ordinary ``mkdir``."""
+  path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+  os.chmod(path, umask_mode(0o777))
+  return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
   """Yields a temporary path beside ``path``; renames it over ``path`` on
@@ -19,6 +36,8 @@ def atomic_path(path: str):
   os.close(fd)
   try:
     yield tmp
+    if os.path.isfile(tmp):
+      os.chmod(tmp, umask_mode(0o666))
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -57,7 +57,7 @@ class TrainConfig:
     meta_batch_size: tasks per meta-step (``--meta_batch_size``).
     meta_lr: Adam learning rate (``--meta_lr``).
     lr_schedule: 'constant', or 'cosine' annealing to ``min_meta_lr`` over the
-      run (MAML++).
+      meta-training iterations (MAML++).
     min_meta_lr: final learning rate of the cosine schedule.
     adam_epsilon: 1e-8, TF1's ``AdamOptimizer`` default (Keras' is 1e-7).
     clip_value: clip every gradient element to ``[-v, v]`` (0: off). The
@@ -359,18 +359,26 @@ class Trainer:
                  self.config.keep_best, value, step, best_dir)
 
   # ------------------------------------------------------------------ loop
-  def _write_eval_summaries(self, prefix: str, results: dict, step: int):
+  def write_eval_summaries(self, prefix: str, results: dict, step: int,
+                           exclude=()) -> None:
+    """Writes the means of per-task evaluation results (``evaluate``'s
+    dict) as ``prefix/...`` scalars at ``step``, except the tags in
+    ``exclude``; a ``[T, S]`` result gives one scalar per inner step."""
+    def scalar(tag, value):
+      if tag not in exclude:
+        with self.writer.as_default():
+          tf.summary.scalar(tag, value, step=step)
+
     for name, values in results.items():
       values = np.asarray(values, np.float64)
       stats = evaluation.summarize(values)
       mean = np.atleast_1d(stats["mean"])
       if values.ndim == 2:
         for j, m in enumerate(mean):
-          tag = (f"{prefix}/pre_update_{name}" if j == 0 else
-                 f"{prefix}/post_update_{name}_step_{j}")
-          tf.summary.scalar(tag, m, step=step)
+          scalar(f"{prefix}/pre_update_{name}" if j == 0 else
+                 f"{prefix}/post_update_{name}_step_{j}", m)
       else:
-        tf.summary.scalar(f"{prefix}/{name}", mean[0], step=step)
+        scalar(f"{prefix}/{name}", mean[0])
 
   def validate(self, val_source, index: int = 0) -> dict:
     """Meta-validation number ``index`` (0, 1, ...): ``val_num_tasks`` tasks
@@ -396,6 +404,7 @@ class Trainer:
     os.makedirs(c.run_dir, exist_ok=True)
     if c.resume:
       self.restore()
+    evaluation.align_trace_names()
     recover_replaced_dir(os.path.join(c.run_dir, "best_checkpoint"))
     best_file = os.path.join(c.run_dir, "best_checkpoint", "best.json")
     if c.keep_best and os.path.exists(best_file):
@@ -467,7 +476,11 @@ class Trainer:
                             int(self.nonfinite_steps.numpy()), step=step)
           if not pretrain:
             results = self._evaluate_function()(last_batch)
-            self._write_eval_summaries("metatrain", results, step)
+            # The training means above keep their tags (LEO's training
+            # metrics and its evaluation share the names query_loss and
+            # query_accuracy).
+            self.write_eval_summaries("metatrain", results, step,
+                                      {f"metatrain/{n}" for n in window})
         if step % c.print_every == 0 or step == total:
           eta = (total - step) / rate if window_steps else float("nan")
           parts = " ".join(f"{n}={finite_mean(v):.4f}"
@@ -484,8 +497,7 @@ class Trainer:
           and step > c.pretrain_iterations):
         # Numbered by step, so a resumed run validates on the same tasks.
         results = self.validate(val_source, step // c.val_every - 1)
-        with writer.as_default():
-          self._write_eval_summaries("metaval", results, step)
+        self.write_eval_summaries("metaval", results, step)
         summary = {n: float(np.atleast_1d(evaluation.summarize(v)["mean"])[-1])
                    for n, v in results.items()}
         logging.info("Validation at step %d: %s", step,

@@ -105,7 +105,7 @@ def test_sampler_errors_name_the_cache_and_flags(omniglot_cache, mini_cache):
         str(omniglot_cache), "omniglot", 20, 1))
   assert str(omniglot_cache) in str(e.value)
   with pytest.raises(ValueError, match=r"has 17 examples, fewer than the 20 "
-                     r"a task needs \(--update_batch_size=5 support \+ 15 "
+                     r"a task needs \(5 support \+ 15 "
                      r"query.*--num_query=-1") as e:
     image_data.task_sources(image_data.ImageTasksConfig(
         str(mini_cache), "miniimagenet", 2, 5))

@@ -248,7 +248,9 @@ def test_missing_files_and_bad_flags_are_named(tmp_path):
   with pytest.raises(data.EmbeddingsError, match="fewer than "
                      "--num_classes=7"):
     data.task_sources(DataConfig(root), 7, 1, 1)
-  with pytest.raises(data.EmbeddingsError, match="fewer than the 10"):
+  with pytest.raises(data.EmbeddingsError, match="fewer than the 10 .*"
+                     "--num_tr_examples_per_class=1, the query size 9 is "
+                     "--total_examples_per_class minus the support"):
     data.task_sources(DataConfig(root, total_examples_per_class=10), 3, 1, 1)
   multiview = write_dataset(tmp_path / "mv", small_splits(), crop="multiview")
   assert data.load_split(DataConfig(multiview, embedding_crop="multiview"),

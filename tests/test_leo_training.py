@@ -223,7 +223,15 @@ def test_runner_demo_mode_and_evaluation_mode(tmp_path):
   for name in ("metatest.json", "metatest.csv", "best_checkpoint/best.json",
                "checkpoints/model-4.index"):
     assert (run_dir / name).exists(), name
-  assert [f for f in os.listdir(run_dir) if f.startswith("events")]
+  events = [f for f in os.listdir(run_dir) if f.startswith("events")]
+  assert events
+  # One training series per tag (the last batch's evaluation used to be
+  # written under metatrain/query_loss and query_accuracy too).
+  points = [(event.step, v.tag) for f in events for event in
+            tf.compat.v1.train.summary_iterator(str(run_dir / f))
+            for v in event.summary.value if v.tag.startswith("metatrain/")]
+  assert ("4", "metatrain/query_accuracy") in {(str(s), t) for s, t in points}
+  assert len(points) == len(set(points))
 
   proc = run_runner([f"--checkpoint_path={run_dir}", "--evaluation_mode",
                      "--checkpoint_steps=0", "--metatest_batch_size=10",
@@ -238,14 +246,21 @@ def test_runner_demo_mode_and_evaluation_mode(tmp_path):
   # it, nor may --resume=False overwrite it; MAML-only flags are refused.
   for flags, message in [
       (["--kl_weight=0.5"], "--kl_weight=0.001 there, 0.5 here"),
-      (["--resume=False"], "--resume=False: --checkpoint_path="),
-      (["--train=False"], "--train applies to the MAML-family models only, "
-       "not --model=leo (use --evaluation_mode instead of --train)"),
+      (["--resume=False"], f"--resume=False: run directory {run_dir} already "
+       "holds a run's checkpoints"),
+      (["--train=False", "--meta_lr=0.01"], "--meta_lr applies to the "
+       "MAML-family models only; --train applies to the MAML-family models "
+       "only, not --model=leo (use --outer_lr instead of --meta_lr, "
+       "--evaluation_mode instead of --train)"),
+      # Same configuration, missing data: fails before it writes any flags.
+      ([f"--data_path={tmp_path / 'missing'}",
+        "--total_examples_per_class=200"], "not found"),
   ]:
     proc = run_runner(tiny + flags, tmp_path / "cache")
     assert proc.returncode != 0 and message in proc.stderr, (
         flags, proc.stderr[-2000:])
-  assert json.loads((run_dir / "flags.json").read_text())["kl_weight"] == 1e-3
+  saved = json.loads((run_dir / "flags.json").read_text())
+  assert saved["kl_weight"] == 1e-3 and saved["data_path"] is None
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -270,6 +285,6 @@ def test_runner_flagfile_and_missing_embeddings(tmp_path):
   assert proc.returncode != 0
   missing = tmp_path / "tieredImageNet" / "center" / "test_embeddings.pkl"
   assert f"{missing} not found" in proc.stderr  # checked before training
-  flags = json.loads((tmp_path / "run" / "flags.json").read_text())
-  assert flags["num_tr_examples_per_class"] == 5
-  assert flags["kl_weight"] == 1.622811
+  # The flagfile's dataset is the one looked for; a failed start writes no
+  # flags into the run directory.
+  assert not (tmp_path / "run" / "flags.json").exists()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 
 from tests.conftest import REPO
 
@@ -39,6 +40,12 @@ def test_train_test_resume_and_test_mode(tmp_path):
   assert "TensorFloat-32 matmuls and convolutions: off" in proc.stderr
   flags = json.loads((run_dir / "flags.json").read_text())
   assert flags["metatrain_iterations"] == 200
+  tags = {v.tag for f in run_dir.glob("events.out.tfevents.*")
+          for event in tf.compat.v1.train.summary_iterator(str(f))
+          for v in event.summary.value}
+  assert {"metatest/pre_update_query_loss",
+          "metatest/post_update_query_loss_step_10",
+          "metaval/post_update_query_loss_step_5"} <= tags
 
   # Resume: a longer run continues from step 200. (The later invocations
   # test resume and test-mode logic, not XLA: they skip its compile time.)
@@ -86,10 +93,9 @@ def test_run_directories_keep_configurations_apart(tmp_path):
 
   # A seed-1 run in the plain directory (as an older version named it).
   (plain / "flags.json").write_text((seed1 / "flags.json").read_text())
-  for extra in ([], ["--train=False"]):
-    proc = run(short + extra, check=False)
-    assert proc.returncode != 0
-    assert "--seed=1 there, 0 here" in proc.stderr and str(plain) in proc.stderr
+  proc = run(short, check=False)
+  assert proc.returncode != 0
+  assert "--seed=1 there, 0 here" in proc.stderr and str(plain) in proc.stderr
 
   # Flags --model=maml does not read would be ignored: refused, with hints.
   proc = run(short + ["--outer_lr=0.01", "--mamlpp_msl=False"], check=False)
@@ -111,10 +117,30 @@ def test_oracle_baseline_is_pretrained_not_meta_trained(tmp_path):
           / "checkpoints" / "model-200.index").exists()
 
 
+def test_resumed_run_compiles_from_the_xla_cache(tmp_path):
+  """The on-disk XLA cache matches programs by name; restoring a checkpoint
+  used to shift every name, so a resumed run compiled everything again."""
+  cache = tmp_path / "xla"
+  short = SINE + [f"--logdir={tmp_path / 'logs'}", "--val_interval=0",
+                  "--test_after_train=False", "--meta_batch_size=5",
+                  f"--xla_cache_dir={cache}"]
+  run(short + ["--metatrain_iterations=100"])
+  programs = sorted(os.listdir(cache))
+  assert len(programs) == 2  # the meta-step and the summaries' evaluation
+  proc = run(short + ["--metatrain_iterations=200"])
+  assert "Meta-training from step 100" in proc.stderr
+  assert sorted(os.listdir(cache)) == programs
+
+
 def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
   proc = run(SINE + [f"--logdir={tmp_path}", "--train=False"], check=False)
   assert proc.returncode != 0
   assert "no checkpoint in" in proc.stderr and str(tmp_path) in proc.stderr
+  assert not list(tmp_path.iterdir())  # and it leaves nothing behind
+  # --model=fomaml is --model=maml --stop_grad: its run directory.
+  proc = run(SINE[1:] + ["--model=fomaml", f"--logdir={tmp_path}",
+                         "--train=False"], check=False)
+  assert "updatelr0.01stopgradnonorm/checkpoints" in proc.stderr
 
 
 @pytest.mark.parametrize("flag,message", [
@@ -123,8 +149,13 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--baseline=orcle", "--baseline='orcle'"),
     ("--loss_scale=3", "--loss_scale='3': expected 'dynamic' or a power"),
     ("--loss_scale=128", "applies to --precision=float16 only"),
+    ("--metatrain_iterations=-5", "--metatrain_iterations must be >= 0"),
+    ("--save_interval=250", "--save_interval=250 must be a multiple of "
+     "--steps_per_call=100"),
 ])
 def test_bad_flags_are_named(tmp_path, flag, message):
   proc = run(SINE + [f"--logdir={tmp_path}", flag], check=False)
   assert proc.returncode != 0
-  assert message in proc.stderr
+  assert "runner.py: error: " in proc.stderr and message in proc.stderr
+  assert len(proc.stderr.splitlines()) < 20  # not absl's help of every flag
+  assert not list(tmp_path.iterdir())

@@ -36,8 +36,8 @@ def test_fully_connected_net(omniglot_cache, tmp_path):
     (["--data_path={cache}", "--num_classes=20"],
      ["{cache} (test split): 13 classes, fewer than --num_classes=20"]),
     (["--data_path={cache}", "--num_query=2"],
-     ["has 2 examples, fewer than the 3 a task needs (--update_batch_size=1 "
-      "support + 2 query", "--num_query=2"]),
+     ["has 2 examples, fewer than the 3 a task needs (1 support + 2 query",
+      "the support size is --update_batch_size=1", "--num_query=2"]),
     (["--data_path={cache}", "--datasource=quickdraw"],
      ["holds 'omniglot', not 'quickdraw'"]),
     (["--datasource=imagenet"], ["--datasource='imagenet': expected"]),

@@ -1,0 +1,52 @@
+"""Atomic output: complete or absent, readable as ordinary files are."""
+
+import os
+import stat
+
+import pytest
+
+from maml_tf import io_utils
+
+
+@pytest.fixture
+def umask_022():
+  old = os.umask(0o022)
+  yield
+  os.umask(old)
+
+
+def mode(path) -> int:
+  return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_outputs_get_the_permissions_of_ordinary_files(tmp_path, umask_022):
+  """tempfile makes files 0600 and directories 0700: a results file or a
+  dataset cache would be unreadable by the rest of a team."""
+  io_utils.atomic_write(str(tmp_path / "results.json"), "{}")
+  assert mode(tmp_path / "results.json") == 0o644
+  directory = io_utils.make_temp_dir(".tmp-cache-", str(tmp_path))
+  assert mode(directory) == 0o755
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+  with pytest.raises(RuntimeError):
+    with io_utils.atomic_path(str(tmp_path / "out.csv")) as tmp:
+      with open(tmp, "w") as f:
+        f.write("partial")
+      raise RuntimeError("killed")
+  assert not list(tmp_path.iterdir())
+
+
+def test_replaced_directory_survives_a_kill_between_the_renames(tmp_path):
+  best = tmp_path / "best"
+  for value in ("old", "new"):
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "value").write_text(value)
+    io_utils.atomic_replace_dir(str(staging), str(best))
+  assert (best / "value").read_text() == "new"
+  os.rename(best, str(best) + ".old")  # killed after the first rename
+  io_utils.recover_replaced_dir(str(best))
+  assert (best / "value").read_text() == "new"
+  io_utils.recover_replaced_dir(str(best))  # nothing to do
+  assert sorted(os.listdir(tmp_path)) == ["best"]

@@ -243,15 +243,11 @@ def test_runner_demo_mode_and_evaluation_mode(tmp_path):
   assert "best checkpoint" in proc.stdout
 
   # The run directory holds this run: another configuration may not resume
-  # it, nor may --resume=False overwrite it; MAML-only flags are refused.
+  # it, nor may --resume=False overwrite it.
   for flags, message in [
       (["--kl_weight=0.5"], "--kl_weight=0.001 there, 0.5 here"),
       (["--resume=False"], f"--resume=False: run directory {run_dir} already "
        "holds a run's checkpoints"),
-      (["--train=False", "--meta_lr=0.01"], "--meta_lr applies to the "
-       "MAML-family models only; --train applies to the MAML-family models "
-       "only, not --model=leo (use --outer_lr instead of --meta_lr, "
-       "--evaluation_mode instead of --train)"),
       # Same configuration, missing data: fails before it writes any flags.
       ([f"--data_path={tmp_path / 'missing'}",
         "--total_examples_per_class=200"], "not found"),

@@ -26,8 +26,9 @@ def run(args, cwd=REPO, check=True):
 
 def test_train_test_resume_and_test_mode(tmp_path):
   logdir = tmp_path / "logs"
+  cache = f"--xla_cache_dir={tmp_path / 'xla'}"
   proc = run(SINE + [f"--logdir={logdir}", "--metatrain_iterations=200",
-                     "--num_test_tasks=40", "--val_interval=100"])
+                     "--num_test_tasks=40", "--val_interval=100", cache])
   run_dir = logdir / "cls_5.mbs_25.ubs_10.numstep1.updatelr0.01nonorm"
   assert "test results after 200 iterations" in proc.stdout
   assert "step |" in proc.stdout and "  10 |" in proc.stdout
@@ -47,13 +48,21 @@ def test_train_test_resume_and_test_mode(tmp_path):
           "metatest/post_update_query_loss_step_10",
           "metaval/post_update_query_loss_step_5"} <= tags
 
-  # Resume: a longer run continues from step 200. (The later invocations
-  # test resume and test-mode logic, not XLA: they skip its compile time.)
+  # Resume: a longer run continues from step 200, and compiles nothing: the
+  # XLA cache matches programs by name, and restoring a checkpoint used to
+  # shift every name (the cache then gained the programs again).
+  programs = sorted(os.listdir(tmp_path / "xla"))
+  # The meta-step, the evaluation (summaries and validation), the test.
+  assert len(programs) == 3
   proc = run(SINE + [f"--logdir={logdir}", "--metatrain_iterations=300",
                      "--num_test_tasks=40", "--test_after_train=False",
-                     "--jit_compile=False"])
+                     cache])
   assert "step 200" in proc.stderr and "Meta-training from step 200" in proc.stderr
   assert (run_dir / "checkpoints" / "model-300.index").exists()
+  assert sorted(os.listdir(tmp_path / "xla")) == programs
+
+  # The later invocations test test-mode logic, not XLA: they skip its
+  # compile time.
 
   # Test mode with --test_iter loads that checkpoint; val split by default.
   proc = run(SINE + [f"--logdir={logdir}", "--train=False", "--test_iter=200",
@@ -75,23 +84,21 @@ def test_run_directories_keep_configurations_apart(tmp_path):
   short = SINE + [f"--logdir={tmp_path}", "--metatrain_iterations=100",
                   "--val_interval=0", "--test_after_train=False",
                   "--jit_compile=False"]
-  run(short)
-  proc = run(short + ["--seed=1"])
-  assert "Meta-training from step 0 to 100" in proc.stderr  # not resumed
+  run(short + ["--seed=1"])
   plain = tmp_path / "cls_5.mbs_25.ubs_10.numstep1.updatelr0.01nonorm"
-  seed1 = tmp_path / (plain.name + ".seed1")
+  seed1 = tmp_path / (plain.name + ".seed1")  # not the seed-0 run's plain
   assert (seed1 / "checkpoints" / "model-100.index").exists()
   assert json.loads((seed1 / "flags.json").read_text())["seed"] == 1
-  assert json.loads((plain / "flags.json").read_text())["seed"] == 0
 
   # Test mode with another K and step size (the original's train_update_*).
-  proc = run(short + ["--train=False", "--update_batch_size=5",
+  proc = run(short + ["--seed=1", "--train=False", "--update_batch_size=5",
                       "--train_update_batch_size=10", "--update_lr=0.02",
                       "--train_update_lr=0.01", "--num_test_tasks=20"])
   assert "val results after 100 iterations" in proc.stdout
-  assert (plain / "val_ubs5_stepsize0.02.csv").exists()
+  assert (seed1 / "val_ubs5_stepsize0.02.csv").exists()
 
   # A seed-1 run in the plain directory (as an older version named it).
+  plain.mkdir()
   (plain / "flags.json").write_text((seed1 / "flags.json").read_text())
   proc = run(short, check=False)
   assert proc.returncode != 0
@@ -117,21 +124,6 @@ def test_oracle_baseline_is_pretrained_not_meta_trained(tmp_path):
           / "checkpoints" / "model-200.index").exists()
 
 
-def test_resumed_run_compiles_from_the_xla_cache(tmp_path):
-  """The on-disk XLA cache matches programs by name; restoring a checkpoint
-  used to shift every name, so a resumed run compiled everything again."""
-  cache = tmp_path / "xla"
-  short = SINE + [f"--logdir={tmp_path / 'logs'}", "--val_interval=0",
-                  "--test_after_train=False", "--meta_batch_size=5",
-                  f"--xla_cache_dir={cache}"]
-  run(short + ["--metatrain_iterations=100"])
-  programs = sorted(os.listdir(cache))
-  assert len(programs) == 2  # the meta-step and the summaries' evaluation
-  proc = run(short + ["--metatrain_iterations=200"])
-  assert "Meta-training from step 100" in proc.stderr
-  assert sorted(os.listdir(cache)) == programs
-
-
 def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
   proc = run(SINE + [f"--logdir={tmp_path}", "--train=False"], check=False)
   assert proc.returncode != 0
@@ -149,7 +141,6 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--baseline=orcle", "--baseline='orcle'"),
     ("--loss_scale=3", "--loss_scale='3': expected 'dynamic' or a power"),
     ("--loss_scale=128", "applies to --precision=float16 only"),
-    ("--metatrain_iterations=-5", "--metatrain_iterations must be >= 0"),
     ("--save_interval=250", "--save_interval=250 must be a multiple of "
      "--steps_per_call=100"),
 ])

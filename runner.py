@@ -297,10 +297,12 @@ def _training_identity(values: dict) -> dict:
   size, as in the original.
   """
   model = values.get("model")
-  names = ["model", "seed"] + list(
-      _LEO_IDENTITY if model == "leo" else _MAML_IDENTITY)
-  names += [n for n in values
-            if n.startswith(f"{model}_") and n not in _EVALUATION_ONLY]
+  if model == "leo":
+    names = ["model", "seed", *_LEO_IDENTITY]
+  else:  # and the variant's own flags (--mamlpp_*, ...)
+    names = ["model", "seed", *_MAML_IDENTITY] + [
+        n for n in values
+        if n.startswith(f"{model}_") and n not in _EVALUATION_ONLY]
   identity = {n: values[n] for n in names if n in values}
   if model != "leo":
     for name in ("update_batch_size", "update_lr"):

@@ -119,11 +119,7 @@ def evaluate_test(learner: LEO, trainer: Trainer, test_source,
   result.warn_nonfinite()
   paths = result.write(run_dir, RESULTS_BASENAME)
   summary = result.summary["query_accuracy"]
-  with trainer.writer.as_default():
-    tf.summary.scalar("metatest/query_accuracy", float(summary["mean"]),
-                      step=step)
-    tf.summary.scalar("metatest/query_loss",
-                      float(result.summary["query_loss"]["mean"]), step=step)
+  trainer.write_eval_summaries("metatest", result.values, step)
   trainer.writer.flush()
   return {"accuracy": float(summary["mean"]), "ci95": float(summary["ci95"]),
           "num_tasks": num_tasks, "step": step, "checkpoint": path,

@@ -364,21 +364,20 @@ class Trainer:
     """Writes the means of per-task evaluation results (``evaluate``'s
     dict) as ``prefix/...`` scalars at ``step``, except the tags in
     ``exclude``; a ``[T, S]`` result gives one scalar per inner step."""
-    def scalar(tag, value):
-      if tag not in exclude:
-        with self.writer.as_default():
-          tf.summary.scalar(tag, value, step=step)
-
+    scalars = {}
     for name, values in results.items():
       values = np.asarray(values, np.float64)
-      stats = evaluation.summarize(values)
-      mean = np.atleast_1d(stats["mean"])
+      mean = np.atleast_1d(evaluation.summarize(values)["mean"])
       if values.ndim == 2:
         for j, m in enumerate(mean):
-          scalar(f"{prefix}/pre_update_{name}" if j == 0 else
-                 f"{prefix}/post_update_{name}_step_{j}", m)
+          scalars[f"{prefix}/pre_update_{name}" if j == 0 else
+                  f"{prefix}/post_update_{name}_step_{j}"] = m
       else:
-        scalar(f"{prefix}/{name}", mean[0])
+        scalars[f"{prefix}/{name}"] = mean[0]
+    with self.writer.as_default():
+      for tag, value in scalars.items():
+        if tag not in exclude:
+          tf.summary.scalar(tag, value, step=step)
 
   def validate(self, val_source, index: int = 0) -> dict:
     """Meta-validation number ``index`` (0, 1, ...): ``val_num_tasks`` tasks

@@ -52,6 +52,13 @@ flags.DEFINE_boolean("allow_tf32", False,
                      "faster, but their inputs are rounded to 10-bit "
                      "mantissas, so losses and meta-gradients are no longer "
                      "float32. No effect on CPUs.")
+flags.DEFINE_integer("intra_op_threads", None,
+                     "Threads of TensorFlow's intra-op pool, which runs XLA's "
+                     "kernels and the large matmuls on a CPU. 0: TensorFlow's "
+                     "default (one per core). Unset: 1 for "
+                     "--datasource=sinusoid, whose tiny kernels run faster "
+                     "without a thread pool, else TensorFlow's default "
+                     "(or TF_NUM_INTRAOP_THREADS when it is set).")
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "float16"],
                   "Arithmetic of the MAML-family networks: float32, or mixed "
                   "precision (bfloat16/float16 layers; float32 variables, "
@@ -931,6 +938,28 @@ def _configure_xla_cache() -> None:
     os.environ["TF_XLA_FLAGS"] = f"--tf_xla_persistent_cache_directory={path}"
 
 
+def _configure_threads() -> None:
+  """Applies ``--intra_op_threads`` (before TensorFlow's runtime starts)."""
+  threads = FLAGS.intra_op_threads
+  if threads is not None and threads < 0:
+    raise app.UsageError(f"--intra_op_threads={threads}: expected 0 "
+                         "(TensorFlow's default) or a number of threads")
+  if threads is None:
+    if (FLAGS.model == "leo" or FLAGS.datasource != "sinusoid"
+        or "TF_NUM_INTRAOP_THREADS" in os.environ):
+      threads = 0
+    else:
+      from maml_tf import sinusoid
+      threads = sinusoid.INTRA_OP_THREADS
+  import tensorflow as tf
+  if threads:
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+  logging.info("TensorFlow intra-op threads: %s (--intra_op_threads)",
+               tf.config.threading.get_intra_op_parallelism_threads()
+               or os.environ.get("TF_NUM_INTRAOP_THREADS",
+                                 "TensorFlow's default, one per core"))
+
+
 def _configure_tf32() -> None:
   """Applies ``--allow_tf32``: TensorFlow enables TensorFloat-32 by default,
   which on Ampere or newer GPUs silently rounds every float32 matmul and
@@ -949,6 +978,7 @@ def main(argv) -> None:
     FLAGS.model, FLAGS.stop_grad = "maml", True
   _check_family_flags()
   _configure_xla_cache()
+  _configure_threads()
   _configure_tf32()
   if FLAGS.model == "leo":
     _leo_main()

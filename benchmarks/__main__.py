@@ -51,6 +51,11 @@ def _run_one(spec: dict) -> dict:
   tf.config.experimental.enable_tensor_float_32_execution(
       spec.get("allow_tf32", False))
   workload = wl.workloads(spec.get("omniglot_cache"))[spec["workload"]]
+  threads = spec.get("intra_op_threads", -1)
+  threads = workload.intra_op_threads if threads < 0 else threads
+  if threads:
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+  threads = tf.config.threading.get_intra_op_parallelism_threads()
   if spec.get("steps_per_call"):
     workload = dataclasses.replace(workload,
                                    steps_per_call=spec["steps_per_call"])
@@ -75,7 +80,8 @@ def _run_one(spec: dict) -> dict:
   input_ms = (time.perf_counter() - start) / len(batches) * 1e3
 
   if workload.evaluation:
-    return _run_evaluation(spec, workload, learner, source, batches, input_ms)
+    return dict(_run_evaluation(spec, workload, learner, source, batches,
+                                input_ms), intra_op_threads=threads)
   k = workload.steps_per_call
   block = TaskBatch(*(tf.constant(np.stack([batches[i % len(batches)][f]
                                             for i in range(k)]))
@@ -105,6 +111,7 @@ def _run_one(spec: dict) -> dict:
       "first_loss": first_value, "peak_rss_mb": peak_rss_mb,
       "input_ms_per_step": input_ms,
       "gflop_per_step": None if flops is None else flops / 1e9,
+      "intra_op_threads": threads,
   }
 
 
@@ -197,6 +204,10 @@ def main() -> None:
   parser.add_argument("--steps_per_call", type=int, default=0,
                       help="meta-steps per compiled call (0: each workload's "
                       "default: 100 for sinusoid, else 1)")
+  parser.add_argument("--intra_op_threads", type=int, default=-1,
+                      help="TensorFlow intra-op threads (-1: each workload's "
+                      "default, as runner.py: 1 for sinusoid; 0: TensorFlow's "
+                      "default, one per core)")
   parser.add_argument("--blocks", type=int, default=5)
   parser.add_argument("--block_seconds", type=float, default=2.0)
   parser.add_argument("--omniglot_cache", default=None,
@@ -234,6 +245,10 @@ def main() -> None:
     parser.error(f"--blocks={args.blocks} and --block_seconds="
                  f"{args.block_seconds}: expected at least 1 block of more "
                  "than 0 s")
+  if args.intra_op_threads < -1:
+    parser.error(f"--intra_op_threads={args.intra_op_threads}: expected -1 "
+                 "(each workload's default), 0 (TensorFlow's) or a number of "
+                 "threads")
   if args.steps_per_call < 0:
     parser.error(f"--steps_per_call={args.steps_per_call}: expected >= 1, "
                  "or 0 for each workload's default")
@@ -264,6 +279,7 @@ def main() -> None:
             "precision": precision, "xla": xla == "on",
             "blocks": args.blocks, "block_seconds": args.block_seconds,
             "steps_per_call": args.steps_per_call,
+            "intra_op_threads": args.intra_op_threads,
             "omniglot_cache": args.omniglot_cache,
             "allow_tf32": args.allow_tf32}
     proc = subprocess.run(
@@ -295,7 +311,8 @@ def main() -> None:
       # Settings that change the figures (maml_tf sets the first two).
       "environment": {k: os.environ.get(k) for k in (
           "TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC", "XLA_FLAGS",
-          "TF_XLA_FLAGS")} | {"allow_tf32": args.allow_tf32},
+          "TF_XLA_FLAGS", "TF_NUM_INTRAOP_THREADS")} | {
+              "allow_tf32": args.allow_tf32},
       "peak_matmul_gflops": peak, "rows": rows}, indent=1))
   print(f"\nwritten to {out}")
 

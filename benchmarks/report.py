@@ -34,8 +34,14 @@ def markdown_table(results: list[dict]) -> str:
     for r in result["rows"]:
       cells = [r["workload"], r["algorithm"], "on" if r["xla"] else "off",
                r.get("precision", "float32")]
+      notes = []
       if r["workload"] == "sinusoid":
-        cells[1] += f" ({r.get('steps_per_call', 1)}/call)"
+        notes.append(f"{r.get('steps_per_call', 1)}/call")
+      threads = r.get("intra_op_threads")  # 0 or absent: TF's default
+      if threads:
+        notes.append(f"{threads} thread" + ("s" if threads > 1 else ""))
+      if notes:
+        cells[1] += f" ({', '.join(notes)})"
       if "error" in r:
         lines.append("| " + " | ".join(cells) + f" | error: {r['error'][:80]} |")
         continue

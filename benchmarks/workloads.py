@@ -29,6 +29,7 @@ import numpy as np
 import maml_tf
 from maml_tf import models
 from maml_tf.class_tasks import ClassDataset, FewShotConfig, FewShotTasks
+from maml_tf import sinusoid
 from maml_tf.sinusoid import SinusoidConfig, SinusoidTasks
 
 MAML_FAMILY = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
@@ -49,6 +50,8 @@ class Workload:
     inner_lr, inner_steps: the MAML-family inner loop.
     leo_shots: K for LEO workloads.
     evaluation: time test evaluation (tasks/s) instead of meta-steps.
+    intra_op_threads: TensorFlow's intra-op threads, as runner.py chooses
+      them for this setting (0: TensorFlow's default, one per core).
   """
 
   name: str
@@ -62,6 +65,7 @@ class Workload:
   inner_steps: int = 0
   leo_shots: int = 0
   evaluation: bool = False
+  intra_op_threads: int = 0
 
   @property
   def algorithms(self) -> tuple[str, ...]:
@@ -103,7 +107,8 @@ def workloads(omniglot_cache: str | None = None) -> dict[str, Workload]:
       "sinusoid": Workload(
           "sinusoid", 25, 100, 0.0,
           lambda: SinusoidTasks(SinusoidConfig(num_shots=10)),
-          model="mlp_sinusoid", inner_lr=0.01, inner_steps=1),
+          model="mlp_sinusoid", inner_lr=0.01, inner_steps=1,
+          intra_op_threads=sinusoid.INTRA_OP_THREADS),
       "omniglot": Workload(
           "omniglot", 32, 1, 0.0,
           _image_source((28, 28, 1), 150, 20, 5, 1, 1, True, omniglot_cache),

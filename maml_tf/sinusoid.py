@@ -16,6 +16,13 @@ import numpy as np
 from maml_tf.data import task_ids, task_uniforms
 from maml_tf.tasks import TaskBatch
 
+# TensorFlow's intra-op threads for sinusoid runs (runner.py's and the
+# benchmark's default). A sinusoid meta-step is about 100 kernels of at most a
+# few thousand FLOPs each, so its time is dispatch overhead, and handing those
+# kernels to a thread pool costs more than the parallelism gives back: on one
+# thread MAML's step ran 1.3-1.5x faster on 2 cores (README, Performance).
+INTRA_OP_THREADS = 1
+
 
 @dataclasses.dataclass(frozen=True)
 class SinusoidConfig:

@@ -39,6 +39,7 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
   assert row["workload"] == "sinusoid" and row["algorithm"] == "maml"
   assert row["steps_per_s"] > 0 and len(row["block_rates"]) == 2
   assert row["steps_per_call"] == 100 and row["compile_s"] > 0
+  assert row["intra_op_threads"] == 1  # as runner.py runs the sinusoid
   assert 0 < row["gflop_per_step"] < 1 and result["peak_matmul_gflops"] > 0
   assert result["environment"]["allow_tf32"] is False
   assert result["environment"]["TF_CPU_ALLOCATOR_USE_BFC"] == "true"
@@ -61,6 +62,9 @@ def test_report_renders_the_readme_table():
   assert lines[2] == ("| omniglot | maml | on | float32 | 2.00 | 500.00 | 12.3 "
                       "| 1.50 | 8.00 | 10 | 20.0 | 20.0 |")
   assert lines[3].endswith("| 10 | 5.0 | 5.0 |")
+  sine = dict(row, workload="sinusoid", steps_per_call=100, intra_op_threads=1)
+  assert report.markdown_table([dict(result, rows=[sine])]).splitlines()[2] \
+      .startswith("| sinusoid | maml (100/call, 1 thread) | on |")
 
 
 def test_report_names_a_file_that_is_not_a_result(tmp_path):

@@ -39,6 +39,8 @@ def test_train_test_resume_and_test_mode(tmp_path):
   assert "steps/s" in proc.stderr and "ETA" in proc.stderr
   assert "First meta-step call" in proc.stderr
   assert "TensorFloat-32 matmuls and convolutions: off" in proc.stderr
+  # The sinusoid's tiny kernels run on one thread unless a flag says else.
+  assert "TensorFlow intra-op threads: 1 (--intra_op_threads)" in proc.stderr
   flags = json.loads((run_dir / "flags.json").read_text())
   assert flags["metatrain_iterations"] == 200
   tags = {v.tag for f in run_dir.glob("events.out.tfevents.*")
@@ -67,9 +69,10 @@ def test_train_test_resume_and_test_mode(tmp_path):
   # Test mode with --test_iter loads that checkpoint; val split by default.
   proc = run(SINE + [f"--logdir={logdir}", "--train=False", "--test_iter=200",
                      "--num_test_tasks=40", "--jit_compile=False",
-                     "--allow_tf32"])
+                     "--allow_tf32", "--intra_op_threads=2"])
   assert "val results after 200 iterations" in proc.stdout
   assert "TensorFloat-32 matmuls and convolutions: allowed" in proc.stderr
+  assert "TensorFlow intra-op threads: 2 (--intra_op_threads)" in proc.stderr
   assert (run_dir / "val_ubs10_stepsize0.01_iter200.csv").exists()
 
   # --flagfile reproduces the run directory from the saved flags.
@@ -138,6 +141,7 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
 @pytest.mark.parametrize("flag,message", [
     ("--norm=batchnorm", "--norm='batchnorm'"),
     ("--meta_batch_size=0", "--meta_batch_size must be >= 1"),
+    ("--intra_op_threads=-1", "--intra_op_threads=-1: expected 0"),
     ("--baseline=orcle", "--baseline='orcle'"),
     ("--loss_scale=3", "--loss_scale='3': expected 'dynamic' or a power"),
     ("--loss_scale=128", "applies to --precision=float16 only"),

@@ -14,9 +14,11 @@ and read only in this file; everything below gets frozen config dataclasses.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -820,10 +822,21 @@ def _check_family_flags() -> None:
         + (f" (use {', '.join(hints)})" if hints else "") + ".")
 
 
+def _leo_demo_checkpoint_path() -> str:
+  """The demo's run directory, one per user: the temporary directory is shared
+  by everyone on a machine, and another user's demo run would be resumed,
+  re-tested or refused instead of running yours."""
+  try:
+    user = getpass.getuser()
+  except (KeyError, OSError):  # no passwd entry, as in some containers
+    user = str(os.getuid())
+  return os.path.join(tempfile.gettempdir(), f"leo_synthetic_demo_{user}")
+
+
 # Without --data_path: a short run on synthetic embeddings, for the flags the
 # user did not set. Everything else keeps the original's defaults.
 _LEO_DEMO = {
-    "checkpoint_path": "/tmp/leo_synthetic_demo",
+    "checkpoint_path": _leo_demo_checkpoint_path(),
     "total_examples_per_class": 200,
     "num_steps_limit": 1000,
     "checkpoint_steps": 250,

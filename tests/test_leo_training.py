@@ -1,6 +1,7 @@
 """LEO's training protocol: exact resume, learning, the NaN fallback, the best
 checkpoint, evaluation mode and the command line."""
 
+import getpass
 import json
 import os
 import subprocess
@@ -193,24 +194,27 @@ def test_missing_checkpoint_and_width_mismatch_are_reported(small_root,
                    jit_compile=False)
 
 
-def run_runner(args, cache):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+def run_runner(args, cache, **env_vars):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+             **env_vars)
   return subprocess.run(
       [sys.executable, "runner.py", f"--leo_synthetic_dir={cache}", *args],
       cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_runner_demo_mode_and_evaluation_mode(tmp_path):
-  run_dir = tmp_path / "run"
-  tiny = [f"--checkpoint_path={run_dir}", "--num_steps_limit=4",
+  # The demo's run directory is the user's own, in the temporary directory.
+  run_dir = tmp_path / f"leo_synthetic_demo_{getpass.getuser()}"
+  tiny = ["--num_steps_limit=4",
           "--checkpoint_steps=2", "--metatrain_batch_size=2",
           "--metavalid_batch_size=5", "--num_metavalid_batches=1",
           "--metatest_batch_size=10", "--num_metatest_tasks=20",
           "--eval_batch_size=10", "--inner_unroll_length=1",
           "--finetuning_unroll_length=1", "--jit_compile=False"]
-  proc = run_runner(tiny, tmp_path / "cache")
+  proc = run_runner(tiny, tmp_path / "cache", TMPDIR=str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Generating synthetic miniImageNet-format embeddings" in proc.stderr
+  assert f"--checkpoint_path={run_dir}" in proc.stderr
   assert "Demo values for flags you did not set" in proc.stderr
   assert "--total_examples_per_class=200" in proc.stderr
   assert "--num_steps_limit" not in proc.stderr.split("did not set")[1].split(
@@ -249,10 +253,10 @@ def test_runner_demo_mode_and_evaluation_mode(tmp_path):
       (["--resume=False"], f"--resume=False: run directory {run_dir} already "
        "holds a run's checkpoints"),
       # Same configuration, missing data: fails before it writes any flags.
-      ([f"--data_path={tmp_path / 'missing'}",
+      ([f"--data_path={tmp_path / 'missing'}", f"--checkpoint_path={run_dir}",
         "--total_examples_per_class=200"], "not found"),
   ]:
-    proc = run_runner(tiny + flags, tmp_path / "cache")
+    proc = run_runner(tiny + flags, tmp_path / "cache", TMPDIR=str(tmp_path))
     assert proc.returncode != 0 and message in proc.stderr, (
         flags, proc.stderr[-2000:])
   saved = json.loads((run_dir / "flags.json").read_text())

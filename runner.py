@@ -14,6 +14,7 @@ and read only in this file; everything below gets frozen config dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import os
@@ -643,6 +644,8 @@ def _maml_main() -> None:
   config = _train_config(run_dir)
   if not FLAGS.train:  # never silently evaluate random weights (the original)
     checkpoint = _test_checkpoint(run_dir)
+    if not FLAGS.test_set:  # writes no scalars: no empty TensorBoard file
+      config = dataclasses.replace(config, log=False)
   train_source, val_source, test_source = _task_sources()
   learner = _build_learner(_build_model())
   # Only now, with the flags and the data checked, does the run directory

@@ -67,6 +67,8 @@ def test_train_test_resume_and_test_mode(tmp_path):
   # compile time.
 
   # Test mode with --test_iter loads that checkpoint; val split by default.
+  # It writes no TensorBoard scalars there, so it opens no events file.
+  events = sorted(run_dir.glob("events.out.tfevents.*"))
   proc = run(SINE + [f"--logdir={logdir}", "--train=False", "--test_iter=200",
                      "--num_test_tasks=40", "--jit_compile=False",
                      "--allow_tf32", "--intra_op_threads=2"])
@@ -74,6 +76,7 @@ def test_train_test_resume_and_test_mode(tmp_path):
   assert "TensorFloat-32 matmuls and convolutions: allowed" in proc.stderr
   assert "TensorFlow intra-op threads: 2 (--intra_op_threads)" in proc.stderr
   assert (run_dir / "val_ubs10_stepsize0.01_iter200.csv").exists()
+  assert sorted(run_dir.glob("events.out.tfevents.*")) == events
 
   # --flagfile reproduces the run directory from the saved flags.
   proc = run([f"--flagfile={run_dir / 'flags.txt'}", "--train=False",

@@ -799,8 +799,8 @@ def _flag_owner(name: str) -> str | None:
     return "--model=leo"
   if name in _MAML_FLAGS - _READ_BY_LEO:
     variant = name.split("_")[0]
-    if variant in ("anil", "metasgd", "mamlpp"):
-      return f"--model={variant}"
+    if variant != "maml" and variant in FLAGS["model"].parser.enum_values:
+      return f"--model={variant}"  # a variant's own flag: --anil_*, ...
     return "the MAML-family models"
   return None
 

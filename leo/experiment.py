@@ -132,8 +132,9 @@ def validate_at_start(trainer: Trainer, val_source) -> float:
   results = trainer.validate(val_source)
   value = float(evaluation.summarize(results["query_accuracy"])["mean"])
   logging.info("Validation at step 0: query_accuracy=%.4f", value)
-  with trainer.writer.as_default():
-    tf.summary.scalar("metaval/query_accuracy", value, step=0)
+  # The accuracy only: the original's step-0 validation logs nothing else.
+  trainer.write_eval_summaries(
+      "metaval", {"query_accuracy": results["query_accuracy"]}, 0)
   info = os.path.join(trainer.config.run_dir, BEST_DIR, "best.json")
   if not os.path.exists(info):
     trainer.best_value = value

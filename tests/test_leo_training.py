@@ -231,11 +231,15 @@ def test_runner_demo_mode_and_evaluation_mode(tmp_path):
   assert events
   # One training series per tag (the last batch's evaluation used to be
   # written under metatrain/query_loss and query_accuracy too).
-  points = [(event.step, v.tag) for f in events for event in
+  tagged = [(event.step, v.tag) for f in events for event in
             tf.compat.v1.train.summary_iterator(str(run_dir / f))
-            for v in event.summary.value if v.tag.startswith("metatrain/")]
-  assert ("4", "metatrain/query_accuracy") in {(str(s), t) for s, t in points}
+            for v in event.summary.value]
+  points = [(s, t) for s, t in tagged if t.startswith("metatrain/")]
+  assert (4, "metatrain/query_accuracy") in points
   assert len(points) == len(set(points))
+  # The validation before the first step logs its accuracy, as the original.
+  assert [t for s, t in tagged if s == 0 and t.startswith("metaval/")] == [
+      "metaval/query_accuracy"]
 
   proc = run_runner([f"--checkpoint_path={run_dir}", "--evaluation_mode",
                      "--checkpoint_steps=0", "--metatest_batch_size=10",

@@ -47,15 +47,16 @@ def _run_one(spec: dict) -> dict:
   from maml_tf import training
   from maml_tf.tasks import TaskBatch
 
-  # As runner.py --allow_tf32 (off by default): TF32 changes GPU figures only.
-  tf.config.experimental.enable_tensor_float_32_execution(
-      spec.get("allow_tf32", False))
   workload = wl.workloads(spec.get("omniglot_cache"))[spec["workload"]]
+  # As runner.py --intra_op_threads (before TensorFlow's runtime starts).
   threads = spec.get("intra_op_threads", -1)
   threads = workload.intra_op_threads if threads < 0 else threads
   if threads:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
   threads = tf.config.threading.get_intra_op_parallelism_threads()
+  # As runner.py --allow_tf32 (off by default): TF32 changes GPU figures only.
+  tf.config.experimental.enable_tensor_float_32_execution(
+      spec.get("allow_tf32", False))
   if spec.get("steps_per_call"):
     workload = dataclasses.replace(workload,
                                    steps_per_call=spec["steps_per_call"])

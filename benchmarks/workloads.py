@@ -27,9 +27,8 @@ from typing import Callable
 import numpy as np
 
 import maml_tf
-from maml_tf import models
+from maml_tf import models, sinusoid
 from maml_tf.class_tasks import ClassDataset, FewShotConfig, FewShotTasks
-from maml_tf import sinusoid
 from maml_tf.sinusoid import SinusoidConfig, SinusoidTasks
 
 MAML_FAMILY = ("maml", "fomaml", "anil", "metasgd", "mamlpp")

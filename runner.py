@@ -838,8 +838,8 @@ def _leo_demo_checkpoint_path() -> str:
 
 # Without --data_path: a short run on synthetic embeddings, for the flags the
 # user did not set. Everything else keeps the original's defaults.
+# (--checkpoint_path gets _leo_demo_checkpoint_path(), found only for the demo.)
 _LEO_DEMO = {
-    "checkpoint_path": _leo_demo_checkpoint_path(),
     "total_examples_per_class": 200,
     "num_steps_limit": 1000,
     "checkpoint_steps": 250,
@@ -855,7 +855,8 @@ def _leo_apply_demo_defaults() -> str:
   """Generates/reuses the synthetic set; returns its data path."""
   from leo import synthetic
   changed = {}
-  for name, value in _LEO_DEMO.items():
+  demo = {"checkpoint_path": _leo_demo_checkpoint_path(), **_LEO_DEMO}
+  for name, value in demo.items():
     if not FLAGS[name].present:
       FLAGS[name].value = value
       changed[name] = value
@@ -961,7 +962,7 @@ def _configure_threads() -> None:
     raise app.UsageError(f"--intra_op_threads={threads}: expected 0 "
                          "(TensorFlow's default) or a number of threads")
   if threads is None:
-    if (FLAGS.model == "leo" or FLAGS.datasource != "sinusoid"
+    if (FLAGS.model == "leo" or not _is_sinusoid()
         or "TF_NUM_INTRAOP_THREADS" in os.environ):
       threads = 0
     else:

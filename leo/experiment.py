@@ -178,7 +178,11 @@ def run(data_config: DataConfig, model_config: ModelConfig,
     sources = load(("train", "val"))
     if before_training is not None:
       before_training()
-    if trainer.restore() == 0:
+    start = trainer.restore()
+    # Fresh or resumed, the validation is traced first (the XLA cache
+    # matches programs by name, and names follow the order of tracing).
+    trainer.trace_validation(sources["val"])
+    if start == 0:
       validate_at_start(trainer, sources["val"])
     results["train"] = trainer.train(sources["train"], sources["val"])
     logging.info("Meta-training done: %s", results["train"])

@@ -25,6 +25,7 @@ import tensorflow as tf
 from absl import logging
 
 from maml_tf.io_utils import atomic_write
+from maml_tf.tasks import TaskBatch
 
 Z95 = 1.96
 
@@ -153,6 +154,13 @@ def align_trace_names(multiple: int = 1 << 16) -> None:
     pass
 
 
+def tensor_batch(source, index: int, batch_size: int) -> TaskBatch:
+  """Batch ``index`` of ``source`` as TF tensors, as ``evaluate`` feeds it."""
+  if hasattr(source, "tensor_batch"):
+    return source.tensor_batch(index, batch_size)
+  return source.batch(index, batch_size).to_tensors()
+
+
 def evaluate(evaluate_fn: Callable, source, num_tasks: int, batch_size: int,
              start_index: int = 0,
              jit_compile: bool | None = True) -> EvalResult:
@@ -183,9 +191,7 @@ def evaluate(evaluate_fn: Callable, source, num_tasks: int, batch_size: int,
   def sample(i):
     # Runs on a thread while the current batch is evaluated: sampling and
     # the copy into TF (LEO's test batches hold 77 MB of embeddings).
-    if hasattr(source, "tensor_batch"):
-      return source.tensor_batch(start_index + i, batch_size)
-    return source.batch(start_index + i, batch_size).to_tensors()
+    return tensor_batch(source, start_index + i, batch_size)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     pending = collections.deque(

@@ -379,19 +379,35 @@ class Trainer:
         if tag not in exclude:
           tf.summary.scalar(tag, value, step=step)
 
+  def _validation_sizes(self) -> tuple[int, int]:
+    """``(tasks, tasks per call)`` of a meta-validation."""
+    c = self.config
+    num_tasks = c.val_num_tasks or c.meta_batch_size
+    return num_tasks, c.val_batch_size or min(num_tasks, c.meta_batch_size)
+
   def validate(self, val_source, index: int = 0) -> dict:
     """Meta-validation number ``index`` (0, 1, ...): ``val_num_tasks`` tasks
     of ``val_source``, the first ones for every index with
     ``val_fixed_tasks``, else the index-th block of them."""
-    c = self.config
-    num_tasks = c.val_num_tasks or c.meta_batch_size
-    batch_size = c.val_batch_size or min(num_tasks, c.meta_batch_size)
-    first_batch = 0 if c.val_fixed_tasks else index * -(-num_tasks //
-                                                          batch_size)
+    num_tasks, batch_size = self._validation_sizes()
+    first_batch = (0 if self.config.val_fixed_tasks else
+                   index * -(-num_tasks // batch_size))
     result = evaluation.evaluate(
         self._evaluate_function(), val_source, num_tasks, batch_size,
         start_index=first_batch, jit_compile=None)  # already compiled
     return result.values
+
+  def trace_validation(self, val_source) -> None:
+    """Traces the evaluation for validation batches now, at a name aligned
+    by ``align_trace_names``.
+
+    A run that validates before its first meta-step (LEO) calls this before
+    it, fresh or resumed, so both trace the same functions in the same order
+    and a resumed run finds every program in the XLA cache.
+    """
+    evaluation.align_trace_names()
+    self._evaluate_function().get_concrete_function(evaluation.tensor_batch(
+        val_source, 0, self._validation_sizes()[1]))
 
   def train(self, train_source, val_source=None) -> dict:
     """Runs (or resumes) meta-training to ``total_iterations``.

@@ -194,6 +194,47 @@ def test_missing_checkpoint_and_width_mismatch_are_reported(small_root,
                    jit_compile=False)
 
 
+# Runs experiment.run in a fresh process, as runner.py does: the XLA cache is
+# process-wide configuration, read when TensorFlow starts.
+_RUN_IN_PROCESS = """
+import sys
+from leo import experiment
+from leo.config import DataConfig
+from tests import test_leo_training as t
+root, run_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+experiment.run(DataConfig(root, total_examples_per_class=30),
+               t.model_config(inner_unroll_length=1, finetuning_unroll_length=1),
+               t.outer_config(run_dir, num_steps_limit=steps,
+                              checkpoint_steps=2),
+               jit_compile=True, test_after_train=False, log=False)
+"""
+
+
+def test_resumed_run_compiles_nothing(small_root, tmp_path):
+  """A resumed run finds every program in the XLA cache. The validation
+  before the first step used to be traced only by a fresh run, before its
+  meta-step, and a resumed run traced it later, under another name."""
+  cache = tmp_path / "xla"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+             TF_XLA_FLAGS=f"--tf_xla_persistent_cache_directory={cache}")
+
+  def run(steps):
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_IN_PROCESS, small_root,
+         str(tmp_path / "run"), str(steps)],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+  run(2)
+  programs = sorted(os.listdir(cache))
+  # The validation, the meta-step, and the evaluation of the last training
+  # batch (metatrain summaries; another batch shape).
+  assert len(programs) == 3
+  run(4)
+  assert (tmp_path / "run" / "checkpoints" / "model-4.index").exists()
+  assert sorted(os.listdir(cache)) == programs
+
+
 def run_runner(args, cache, **env_vars):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
              **env_vars)

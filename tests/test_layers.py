@@ -29,11 +29,13 @@ def test_max_pool_matches_tf():
   np.testing.assert_allclose(out.reshape(ref.shape), ref)
 
 
-def test_batch_norm_uses_each_tasks_own_statistics():
+# The second shape has an axis longer than 32, which BatchNorm flattens.
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3, 4), (2, 3, 33, 3, 4)])
+def test_batch_norm_uses_each_tasks_own_statistics(shape):
   bn = L.BatchNorm()
   bn.build((None, 4))
   rng = np.random.default_rng(2)
-  x = rng.normal(size=(2, 5, 3, 3, 4)).astype(np.float32)
+  x = rng.normal(size=shape).astype(np.float32)
   beta = rng.normal(size=(2, 4)).astype(np.float32)
   out = bn.forward([beta], x).numpy()
   # Hand formula, task by task, statistics over (B, H, W), eps 1e-3.
@@ -48,6 +50,48 @@ def test_batch_norm_uses_each_tasks_own_statistics():
   np.testing.assert_allclose(bn.forward([beta], x2).numpy()[0], out[0],
                              rtol=1e-6)
   assert bn.roles == (L.NORM,)  # offset only, as tf.contrib's default
+
+
+def _plain_batch_norm(x, beta):
+  """Batch norm written directly: statistics over (B, H, W), no reshapes."""
+  mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+  var = tf.reduce_mean(tf.square(x - mean), axis=[1, 2, 3], keepdims=True)
+  return (x - mean) * tf.math.rsqrt(var + 1e-3) + beta[:, None, None, None, :]
+
+
+def test_flattened_batch_norm_has_the_same_second_derivatives():
+  """With an axis longer than 32, BatchNorm takes its statistics over the
+  flattened (B, H, W) axis; second-order MAML needs every derivative of that
+  to equal the plain formula's."""
+  rng = np.random.default_rng(5)
+  x0 = tf.constant(rng.normal(size=(2, 3, 34, 2, 3)))
+  beta0 = tf.constant(rng.normal(size=(2, 3)))
+  v = tf.constant(rng.normal(size=(2, 3, 34, 2, 3)))
+  bn = L.BatchNorm(dtype="float64")
+  bn.build((None, 3))
+
+  def second_order(norm):
+    x, beta = tf.identity(x0), tf.identity(beta0)
+    with tf.GradientTape() as outer:
+      outer.watch([x, beta])
+      with tf.GradientTape() as inner:
+        inner.watch([x, beta])
+        y = tf.reduce_sum(tf.sin(norm(x, beta)) * v)
+      gx, gbeta = inner.gradient(y, [x, beta])
+      z = tf.reduce_sum(tf.cos(gx)) + tf.reduce_sum(gbeta ** 2)
+    return [t.numpy() for t in [gx, gbeta, *outer.gradient(z, [x, beta])]]
+
+  ours = second_order(lambda x, beta: bn.forward([beta], x))
+  plain = second_order(_plain_batch_norm)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  # The statistics hook sees the flattened moments and the full count.
+  seen = []
+  with L.batch_norm_statistics(
+      lambda layer, step, m, var, count: seen.append((m.shape, count)) or
+      (m, var)):
+    bn.forward([beta0], x0)
+  assert seen == [((2, 1, 3), 3 * 34 * 2)]
 
 
 def test_layer_norm_formula():

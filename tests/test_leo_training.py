@@ -215,14 +215,11 @@ def test_resumed_run_compiles_nothing(small_root, tmp_path):
   before the first step used to be traced only by a fresh run, before its
   meta-step, and a resumed run traced it later, under another name."""
   cache = tmp_path / "xla"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
-             TF_XLA_FLAGS=f"--tf_xla_persistent_cache_directory={cache}")
 
   def run(steps):
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUN_IN_PROCESS, small_root,
-         str(tmp_path / "run"), str(steps)],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_python(
+        ["-c", _RUN_IN_PROCESS, small_root, str(tmp_path / "run"), str(steps)],
+        TF_XLA_FLAGS=f"--tf_xla_persistent_cache_directory={cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
   run(2)
@@ -235,12 +232,17 @@ def test_resumed_run_compiles_nothing(small_root, tmp_path):
   assert sorted(os.listdir(cache)) == programs
 
 
-def run_runner(args, cache, **env_vars):
+def run_python(args, **env_vars):
+  """``python args`` in the repository, CPU only, with ``env_vars`` set."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
              **env_vars)
-  return subprocess.run(
-      [sys.executable, "runner.py", f"--leo_synthetic_dir={cache}", *args],
-      cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+  return subprocess.run([sys.executable, *args], cwd=REPO,
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def run_runner(args, cache, **env_vars):
+  return run_python(["runner.py", f"--leo_synthetic_dir={cache}", *args],
+                    **env_vars)
 
 
 def test_runner_demo_mode_and_evaluation_mode(tmp_path):

@@ -309,10 +309,12 @@ def main() -> None:
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": {"processor": _cpu_name(), "cpus": os.cpu_count(),
                   "python": platform.python_version()},
-      # Settings that change the figures (maml_tf sets the first two).
+      # Settings that change the figures (maml_tf sets the first two; the
+      # malloc ones change the peak memory, README "Peak memory").
       "environment": {k: os.environ.get(k) for k in (
           "TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC", "XLA_FLAGS",
-          "TF_XLA_FLAGS", "TF_NUM_INTRAOP_THREADS")} | {
+          "TF_XLA_FLAGS", "TF_NUM_INTRAOP_THREADS", "LD_PRELOAD",
+          "MALLOC_CONF", "MALLOC_ARENA_MAX")} | {
               "allow_tf32": args.allow_tf32},
       "peak_matmul_gflops": peak, "rows": rows}, indent=1))
   print(f"\nwritten to {out}")

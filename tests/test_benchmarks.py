@@ -2,6 +2,7 @@
 measured by ``python -m benchmarks``, never asserted in tests)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
       [sys.executable, "-m", "benchmarks", "--workloads", "sinusoid",
        "--algorithms", "maml", "--xla", "on", "--blocks", "2",
        "--block_seconds", "0.2", "--out", str(out)],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "MALLOC_ARENA_MAX": "4"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   (row,) = result["rows"]
@@ -43,6 +45,7 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
   assert 0 < row["gflop_per_step"] < 1 and result["peak_matmul_gflops"] > 0
   assert result["environment"]["allow_tf32"] is False
   assert result["environment"]["TF_CPU_ALLOCATOR_USE_BFC"] == "true"
+  assert result["environment"]["MALLOC_ARENA_MAX"] == "4"
   assert "sinusoid      maml" in proc.stdout
 
 

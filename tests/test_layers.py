@@ -52,46 +52,58 @@ def test_batch_norm_uses_each_tasks_own_statistics(shape):
   assert bn.roles == (L.NORM,)  # offset only, as tf.contrib's default
 
 
-def _plain_batch_norm(x, beta):
-  """Batch norm written directly: statistics over (B, H, W), no reshapes."""
+def _plain_batch_norm(x, *params):
+  """Batch norm written directly: statistics over (B, H, W), no reshapes,
+  ``(x - mean) / sqrt(var + eps) * gamma + beta`` for params
+  ``[gamma, beta]`` or ``[beta]``."""
   mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
   var = tf.reduce_mean(tf.square(x - mean), axis=[1, 2, 3], keepdims=True)
-  return (x - mean) * tf.math.rsqrt(var + 1e-3) + beta[:, None, None, None, :]
+  y = (x - mean) * tf.math.rsqrt(var + 1e-3)
+  if len(params) == 2:
+    y = y * params[0][:, None, None, None, :]
+  return y + params[-1][:, None, None, None, :]
 
 
-def test_flattened_batch_norm_has_the_same_second_derivatives():
-  """With an axis longer than 32, BatchNorm takes its statistics over the
-  flattened (B, H, W) axis; second-order MAML needs every derivative of that
-  to equal the plain formula's."""
+# An axis longer than 32 makes BatchNorm flatten (B, H, W); a scale makes it
+# fold gamma into the multiplier of (x - mean).
+@pytest.mark.parametrize("length,scale", [(34, False), (34, True), (4, True)])
+def test_batch_norm_has_the_plain_formulas_second_derivatives(length, scale):
+  """Second-order MAML needs every derivative of BatchNorm to equal the
+  plain formula's, with respect to the inputs and to gamma and beta."""
   rng = np.random.default_rng(5)
-  x0 = tf.constant(rng.normal(size=(2, 3, 34, 2, 3)))
-  beta0 = tf.constant(rng.normal(size=(2, 3)))
-  v = tf.constant(rng.normal(size=(2, 3, 34, 2, 3)))
-  bn = L.BatchNorm(dtype="float64")
+  x0 = tf.constant(rng.normal(size=(2, 3, length, 2, 3)))
+  params0 = [tf.constant(rng.normal(size=(2, 3)))
+             for _ in range(2 if scale else 1)]
+  v = tf.constant(rng.normal(size=(2, 3, length, 2, 3)))
+  bn = L.BatchNorm(scale=scale, dtype="float64")
   bn.build((None, 3))
 
   def second_order(norm):
-    x, beta = tf.identity(x0), tf.identity(beta0)
+    x, params = tf.identity(x0), [tf.identity(p) for p in params0]
     with tf.GradientTape() as outer:
-      outer.watch([x, beta])
+      outer.watch([x, *params])
       with tf.GradientTape() as inner:
-        inner.watch([x, beta])
-        y = tf.reduce_sum(tf.sin(norm(x, beta)) * v)
-      gx, gbeta = inner.gradient(y, [x, beta])
-      z = tf.reduce_sum(tf.cos(gx)) + tf.reduce_sum(gbeta ** 2)
-    return [t.numpy() for t in [gx, gbeta, *outer.gradient(z, [x, beta])]]
+        inner.watch([x, *params])
+        y = tf.reduce_sum(tf.sin(norm(x, *params)) * v)
+      gx, *gparams = inner.gradient(y, [x, *params])
+      z = tf.reduce_sum(tf.cos(gx)) + sum(tf.reduce_sum(g ** 2)
+                                          for g in gparams)
+    return [t.numpy() for t in [gx, *gparams,
+                                *outer.gradient(z, [x, *params])]]
 
-  ours = second_order(lambda x, beta: bn.forward([beta], x))
+  ours = second_order(lambda x, *params: bn.forward(params, x))
   plain = second_order(_plain_batch_norm)
+  assert len(ours) == 2 * (len(params0) + 1)
   for a, b in zip(ours, plain):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-  # The statistics hook sees the flattened moments and the full count.
-  seen = []
-  with L.batch_norm_statistics(
-      lambda layer, step, m, var, count: seen.append((m.shape, count)) or
-      (m, var)):
-    bn.forward([beta0], x0)
-  assert seen == [((2, 1, 3), 3 * 34 * 2)]
+  if length > 32:
+    # The statistics hook sees the flattened moments and the full count.
+    seen = []
+    with L.batch_norm_statistics(
+        lambda layer, step, m, var, count: seen.append((m.shape, count)) or
+        (m, var)):
+      bn.forward(params0, x0)
+    assert seen == [((2, 1, 3), 3 * length * 2)]
 
 
 def test_layer_norm_formula():

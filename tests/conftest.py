@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("AUTOGRAPH_STRICT_CONVERSION", "1")
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 # Before any test module imports TensorFlow: maml_tf sets its environment
 # (oneDNN off, the BFC allocator on; README, Installing).
@@ -15,6 +17,15 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 OMNIGLOT_DIR = SHARED / "data" / "omniglot"
+
+
+def run_python(args, cwd=REPO, **env_vars) -> subprocess.CompletedProcess:
+  """``python args`` in a fresh process (CPU only, TensorFlow quiet), in
+  ``cwd``, with ``env_vars`` set."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+             **env_vars)
+  return subprocess.run([sys.executable, *args], cwd=cwd,
+                        capture_output=True, text=True, env=env, timeout=600)
 
 
 def pytest_configure(config):

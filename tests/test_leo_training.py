@@ -4,8 +4,6 @@ checkpoint, evaluation mode and the command line."""
 import getpass
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from leo.config import DataConfig, ModelConfig, OuterConfig
 from leo.model import LEO
 from maml_tf import evaluation
 from maml_tf.training import Trainer
-from tests.conftest import REPO
+from tests.conftest import run_python
 
 # Raw 1-shot nearest neighbour: about 38%; an LDA learned on train: 64%.
 SMALL = synthetic.SyntheticConfig(num_classes=(16, 6, 8), examples_per_class=30,
@@ -230,14 +228,6 @@ def test_resumed_run_compiles_nothing(small_root, tmp_path):
   run(4)
   assert (tmp_path / "run" / "checkpoints" / "model-4.index").exists()
   assert sorted(os.listdir(cache)) == programs
-
-
-def run_python(args, **env_vars):
-  """``python args`` in the repository, CPU only, with ``env_vars`` set."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
-             **env_vars)
-  return subprocess.run([sys.executable, *args], cwd=REPO,
-                        capture_output=True, text=True, env=env, timeout=600)
 
 
 def run_runner(args, cache, **env_vars):

@@ -2,22 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import tensorflow as tf
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_python
 
 SINE = ["--model=maml", "--datasource=sinusoid", "--norm=None",
         "--update_batch_size=10", "--update_lr=0.01"]
 
 
 def run(args, cwd=REPO, check=True):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-  proc = subprocess.run([sys.executable, "runner.py", *args], cwd=cwd,
-                        capture_output=True, text=True, env=env, timeout=600)
+  proc = run_python(["runner.py", *args], cwd=cwd)
   if check and proc.returncode != 0:
     raise AssertionError(f"runner failed ({proc.returncode}):\n"
                          f"{proc.stdout}\n{proc.stderr[-4000:]}")

@@ -291,8 +291,11 @@ class LayerNorm(FunctionalLayer):
     gamma, beta = params
     mean, variance = exact_moments(x, list(range(2, len(x.shape))))
     expand = (slice(None),) + (None,) * (len(x.shape) - 2) + (slice(None),)
-    y = (x - mean) * tf.math.rsqrt(variance + self.epsilon)
-    return y * gamma[expand] + beta[expand]
+    # gamma joins rsqrt(var + eps) in one multiplier [T, B, 1, ..., C], as in
+    # BatchNorm.normalize: gamma's gradient and the variance's then share
+    # one sum over positions, sum(dy * (x - mean)).
+    multiplier = tf.math.rsqrt(variance + self.epsilon) * gamma[expand]
+    return (x - mean) * multiplier + beta[expand]
 
 
 def max_pool_2x2(x: tf.Tensor) -> tf.Tensor:

@@ -52,6 +52,21 @@ def test_batch_norm_uses_each_tasks_own_statistics(shape):
   assert bn.roles == (L.NORM,)  # offset only, as tf.contrib's default
 
 
+def _second_order(norm, x0, params0, v):
+  """First derivatives of ``sum(sin(norm(x, *params)) * v)`` with respect to
+  ``x`` and the params, then the derivatives of a function of those."""
+  x, params = tf.identity(x0), [tf.identity(p) for p in params0]
+  with tf.GradientTape() as outer:
+    outer.watch([x, *params])
+    with tf.GradientTape() as inner:
+      inner.watch([x, *params])
+      y = tf.reduce_sum(tf.sin(norm(x, *params)) * v)
+    gx, *gparams = inner.gradient(y, [x, *params])
+    z = tf.reduce_sum(tf.cos(gx)) + sum(tf.reduce_sum(g ** 2)
+                                        for g in gparams)
+  return [t.numpy() for t in [gx, *gparams, *outer.gradient(z, [x, *params])]]
+
+
 def _plain_batch_norm(x, *params):
   """Batch norm written directly: statistics over (B, H, W), no reshapes,
   ``(x - mean) / sqrt(var + eps) * gamma + beta`` for params
@@ -78,21 +93,9 @@ def test_batch_norm_has_the_plain_formulas_second_derivatives(length, scale):
   bn = L.BatchNorm(scale=scale, dtype="float64")
   bn.build((None, 3))
 
-  def second_order(norm):
-    x, params = tf.identity(x0), [tf.identity(p) for p in params0]
-    with tf.GradientTape() as outer:
-      outer.watch([x, *params])
-      with tf.GradientTape() as inner:
-        inner.watch([x, *params])
-        y = tf.reduce_sum(tf.sin(norm(x, *params)) * v)
-      gx, *gparams = inner.gradient(y, [x, *params])
-      z = tf.reduce_sum(tf.cos(gx)) + sum(tf.reduce_sum(g ** 2)
-                                          for g in gparams)
-    return [t.numpy() for t in [gx, *gparams,
-                                *outer.gradient(z, [x, *params])]]
-
-  ours = second_order(lambda x, *params: bn.forward(params, x))
-  plain = second_order(_plain_batch_norm)
+  ours = _second_order(lambda x, *params: bn.forward(params, x), x0, params0,
+                       v)
+  plain = _second_order(_plain_batch_norm, x0, params0, v)
   assert len(ours) == 2 * (len(params0) + 1)
   for a, b in zip(ours, plain):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
@@ -116,6 +119,28 @@ def test_layer_norm_formula():
   var = x.var(-1, keepdims=True)
   np.testing.assert_allclose(out, (x - mean) / np.sqrt(var + 1e-12) * 2 + 0.5,
                              rtol=1e-8)
+
+
+def test_layer_norm_has_the_plain_formulas_second_derivatives():
+  """As for batch norm: LayerNorm folds gamma into its multiplier, and every
+  first and second derivative must still equal the plain formula's."""
+  rng = np.random.default_rng(6)
+  x0 = tf.constant(rng.normal(size=(2, 3, 4, 2, 3)))
+  params0 = [tf.constant(rng.normal(size=(2, 3))) for _ in range(2)]
+  v = tf.constant(rng.normal(size=(2, 3, 4, 2, 3)))
+  ln = L.LayerNorm(dtype="float64")
+  ln.build((None, 3))
+
+  def plain(x, gamma, beta):
+    mean = tf.reduce_mean(x, axis=[2, 3, 4], keepdims=True)
+    var = tf.reduce_mean(tf.square(x - mean), axis=[2, 3, 4], keepdims=True)
+    y = (x - mean) * tf.math.rsqrt(var + 1e-12)
+    return y * gamma[:, None, None, None, :] + beta[:, None, None, None, :]
+
+  ours = _second_order(lambda x, *params: ln.forward(params, x), x0, params0,
+                       v)
+  for a, b in zip(ours, _second_order(plain, x0, params0, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_exact_moments_second_derivative_matches_finite_differences():

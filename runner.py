@@ -55,6 +55,13 @@ flags.DEFINE_boolean("allow_tf32", False,
                      "faster, but their inputs are rounded to 10-bit "
                      "mantissas, so losses and meta-gradients are no longer "
                      "float32. No effect on CPUs.")
+flags.DEFINE_enum("xla_cpu_emitters", "auto", ["auto", "classic", "fusion"],
+                  "XLA:CPU's kernel emitters (--xla_cpu_use_fusion_emitters). "
+                  "auto: classic for the MAML family on images (less memory "
+                  "while compiling, faster compiles and steps), fusion, "
+                  "TensorFlow's default, for the sinusoid and LEO (3x faster "
+                  "LEO compiles). No effect on GPUs, nor when XLA_FLAGS "
+                  "already sets the flag.")
 flags.DEFINE_integer("intra_op_threads", None,
                      "Threads of TensorFlow's intra-op pool, which runs XLA's "
                      "kernels and the large matmuls on a CPU. 0: TensorFlow's "
@@ -955,6 +962,16 @@ def _configure_xla_cache() -> None:
     os.environ["TF_XLA_FLAGS"] = f"--tf_xla_persistent_cache_directory={path}"
 
 
+def _configure_xla_emitters() -> None:
+  """Applies ``--xla_cpu_emitters`` (before anything is compiled)."""
+  choice = FLAGS.xla_cpu_emitters
+  if choice == "auto":
+    choice = "fusion" if FLAGS.model == "leo" or _is_sinusoid() else "classic"
+  maml_tf.use_xla_cpu_fusion_emitters(choice == "fusion")
+  logging.info("XLA_FLAGS: %s (--xla_cpu_emitters=%s)",
+               os.environ.get("XLA_FLAGS", ""), FLAGS.xla_cpu_emitters)
+
+
 def _configure_threads() -> None:
   """Applies ``--intra_op_threads`` (before TensorFlow's runtime starts)."""
   threads = FLAGS.intra_op_threads
@@ -995,6 +1012,7 @@ def main(argv) -> None:
     FLAGS.model, FLAGS.stop_grad = "maml", True
   _check_family_flags()
   _configure_xla_cache()
+  _configure_xla_emitters()
   _configure_threads()
   _configure_tf32()
   if FLAGS.model == "leo":

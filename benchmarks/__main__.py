@@ -48,6 +48,8 @@ def _run_one(spec: dict) -> dict:
   from maml_tf.tasks import TaskBatch
 
   workload = wl.workloads(spec.get("omniglot_cache"))[spec["workload"]]
+  # As runner.py --xla_cpu_emitters=auto (before the first compilation).
+  maml_tf.use_xla_cpu_fusion_emitters(workload.fusion_emitters)
   # As runner.py --intra_op_threads (before TensorFlow's runtime starts).
   threads = spec.get("intra_op_threads", -1)
   threads = workload.intra_op_threads if threads < 0 else threads
@@ -82,7 +84,8 @@ def _run_one(spec: dict) -> dict:
 
   if workload.evaluation:
     return dict(_run_evaluation(spec, workload, learner, source, batches,
-                                input_ms), intra_op_threads=threads)
+                                input_ms), intra_op_threads=threads,
+                xla_flags=os.environ.get("XLA_FLAGS"))
   k = workload.steps_per_call
   block = TaskBatch(*(tf.constant(np.stack([batches[i % len(batches)][f]
                                             for i in range(k)]))
@@ -112,7 +115,7 @@ def _run_one(spec: dict) -> dict:
       "first_loss": first_value, "peak_rss_mb": peak_rss_mb,
       "input_ms_per_step": input_ms,
       "gflop_per_step": None if flops is None else flops / 1e9,
-      "intra_op_threads": threads,
+      "intra_op_threads": threads, "xla_flags": os.environ.get("XLA_FLAGS"),
   }
 
 

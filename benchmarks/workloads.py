@@ -51,6 +51,9 @@ class Workload:
     evaluation: time test evaluation (tasks/s) instead of meta-steps.
     intra_op_threads: TensorFlow's intra-op threads, as runner.py chooses
       them for this setting (0: TensorFlow's default, one per core).
+    fusion_emitters: XLA:CPU's MLIR fusion emitters (TensorFlow's default)
+      or the classic ones, as runner.py's ``--xla_cpu_emitters=auto``
+      chooses them for this setting.
   """
 
   name: str
@@ -65,6 +68,7 @@ class Workload:
   leo_shots: int = 0
   evaluation: bool = False
   intra_op_threads: int = 0
+  fusion_emitters: bool = True
 
   @property
   def algorithms(self) -> tuple[str, ...]:
@@ -112,12 +116,12 @@ def workloads(omniglot_cache: str | None = None) -> dict[str, Workload]:
           "omniglot", 32, 1, 0.0,
           _image_source((28, 28, 1), 150, 20, 5, 1, 1, True, omniglot_cache),
           model="conv4_omniglot", model_kwargs={"num_classes": 5},
-          inner_lr=0.4, inner_steps=1),
+          inner_lr=0.4, inner_steps=1, fusion_emitters=False),
       "miniimagenet": Workload(
           "miniimagenet", 4, 1, 10.0,
           _image_source((84, 84, 3), 16, 40, 5, 1, 15, False),
           model="conv4_miniimagenet", model_kwargs={"num_classes": 5},
-          inner_lr=0.01, inner_steps=5),
+          inner_lr=0.01, inner_steps=5, fusion_emitters=False),
       "leo_1shot": Workload("leo_1shot", 12, 1, 0.1, _leo_source(1, 15),
                             leo_shots=1),
       "leo_5shot": Workload("leo_5shot", 12, 1, 0.1, _leo_source(5, 15),

@@ -33,6 +33,45 @@ if "tensorflow" not in sys.modules:
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
+_FUSION_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters"
+
+
+def use_xla_cpu_fusion_emitters(enabled: bool) -> bool:
+  """Chooses XLA:CPU's kernel emitters for this process, through
+  ``XLA_FLAGS``, unless the user's ``XLA_FLAGS`` already chooses them.
+
+  XLA reads ``XLA_FLAGS`` once, at the process's first compilation, so call
+  this before anything is compiled. With TF 2.21's default, the MLIR fusion
+  emitters (True), LEO's steps compile about 3x faster and the sinusoid's run
+  up to 16% faster; the classic emitters (False) hold 0.3 GB less while
+  compiling the Omniglot meta-step, and compile and run the conv4 MAML steps
+  faster (README, Performance). Applied only with the TensorFlow release this
+  was measured on, 2.21: XLA aborts on a flag it does not know.
+
+  Returns:
+    Whether this call set the flag (False: the user's ``XLA_FLAGS`` already
+    chooses, or TensorFlow is not 2.21).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _FUSION_EMITTERS_FLAG in flags:
+    return False
+  if not (_tensorflow_version() or "").startswith("2.21."):
+    return False
+  value = "true" if enabled else "false"
+  os.environ["XLA_FLAGS"] = f"{flags} {_FUSION_EMITTERS_FLAG}={value}".strip()
+  return True
+
+
+def _tensorflow_version() -> str | None:
+  from importlib import metadata  # without importing TensorFlow
+  for distribution in ("tensorflow", "tensorflow-cpu"):
+    try:
+      return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+      pass
+  return None
+
+
 _EXPORTS = {
     "ANIL": ("maml_tf.anil", "ANIL"),
     "MAML": ("maml_tf.maml", "MAML"),

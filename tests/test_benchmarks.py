@@ -34,7 +34,8 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
        "--algorithms", "maml", "--xla", "on", "--blocks", "2",
        "--block_seconds", "0.2", "--out", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "MALLOC_ARENA_MAX": "4"})
+      env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "MALLOC_ARENA_MAX": "4"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   (row,) = result["rows"]
@@ -42,6 +43,7 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
   assert row["steps_per_s"] > 0 and len(row["block_rates"]) == 2
   assert row["steps_per_call"] == 100 and row["compile_s"] > 0
   assert row["intra_op_threads"] == 1  # as runner.py runs the sinusoid
+  assert row["xla_flags"] == "--xla_cpu_use_fusion_emitters=true"  # as well
   assert 0 < row["gflop_per_step"] < 1 and result["peak_matmul_gflops"] > 0
   assert result["environment"]["allow_tf32"] is False
   assert result["environment"]["TF_CPU_ALLOCATOR_USE_BFC"] == "true"

@@ -2,6 +2,7 @@
 flags live only in runner.py; library code logs instead of printing."""
 
 import ast
+import math
 import os
 import pathlib
 import subprocess
@@ -88,6 +89,31 @@ def test_entry_points_set_tensorflow_variables_before_it_loads(
   for preset, expected in ((None, ours), (theirs, theirs)):
     out = run_python(code, variable, preset)
     assert out.split() == ["False", expected], out
+
+
+@pytest.mark.parametrize("enabled, preset, expected", [
+    (False, None, "--xla_cpu_use_fusion_emitters=false"),
+    (True, "--xla_cpu_enable_fast_min_max=false",
+     "--xla_cpu_enable_fast_min_max=false --xla_cpu_use_fusion_emitters=true"),
+    (False, "--xla_cpu_use_fusion_emitters=true",
+     "--xla_cpu_use_fusion_emitters=true"),
+])
+def test_xla_cpu_emitters_are_chosen_in_xla_flags(enabled, preset, expected):
+  # README, Installing: importing maml_tf leaves XLA_FLAGS alone; the choice
+  # joins a user's other flags, does not override a user's own value, and
+  # the XLA it runs on accepts it (XLA aborts on an unknown flag, so the
+  # compile below fails if a TensorFlow upgrade drops it).
+  code = f"""if True:
+    import os, maml_tf
+    imported = os.environ.get("XLA_FLAGS")
+    maml_tf.use_xla_cpu_fusion_emitters({enabled})
+    import tensorflow as tf
+    f = tf.function(lambda x: tf.reduce_sum(tf.sin(x) * x), jit_compile=True)
+    print(float(f(tf.range(4.0))), imported == {preset!r}, os.environ["XLA_FLAGS"])
+  """
+  value, unchanged, flags = run_python(code, "XLA_FLAGS", preset).split(" ", 2)
+  assert unchanged == "True" and flags.strip() == expected
+  assert abs(float(value) - sum(math.sin(x) * x for x in range(4))) < 1e-5
 
 
 def test_xla_temporaries_are_reused_with_the_bfc_allocator():

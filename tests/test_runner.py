@@ -37,6 +37,9 @@ def test_train_test_resume_and_test_mode(tmp_path):
   assert "TensorFloat-32 matmuls and convolutions: off" in proc.stderr
   # The sinusoid's tiny kernels run on one thread unless a flag says else.
   assert "TensorFlow intra-op threads: 1 (--intra_op_threads)" in proc.stderr
+  # ... and compile with TensorFlow's default emitters, set explicitly.
+  assert ("--xla_cpu_use_fusion_emitters=true (--xla_cpu_emitters=auto)"
+          in proc.stderr)
   flags = json.loads((run_dir / "flags.json").read_text())
   assert flags["metatrain_iterations"] == 200
   tags = {v.tag for f in run_dir.glob("events.out.tfevents.*")

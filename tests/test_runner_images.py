@@ -19,6 +19,9 @@ def test_train_then_test_mode_on_a_cache(omniglot_cache, tmp_path):
   assert "test results after 20 iterations (4 tasks" in proc.stdout
   assert (run_dir / "test_ubs1_stepsize0.4.csv").exists()
   assert "query_accuracy" in proc.stdout
+  # The MAML family on images compiles with XLA's classic CPU emitters.
+  assert ("--xla_cpu_use_fusion_emitters=false (--xla_cpu_emitters=auto)"
+          in proc.stderr)
   proc = run(args + ["--train=False"])
   assert "val results after 20 iterations" in proc.stdout
 

@@ -57,8 +57,8 @@ flags.DEFINE_boolean("allow_tf32", False,
                      "float32. No effect on CPUs.")
 flags.DEFINE_enum("xla_cpu_emitters", "auto", ["auto", "classic", "fusion"],
                   "XLA:CPU's kernel emitters (--xla_cpu_use_fusion_emitters). "
-                  "auto: classic for the MAML family on images (less memory "
-                  "while compiling, faster compiles and steps), fusion, "
+                  "auto: classic for the MAML family on images (a lower peak "
+                  "memory, faster compiles and steps), fusion, "
                   "TensorFlow's default, for the sinusoid and LEO (3x faster "
                   "LEO compiles). No effect on GPUs, nor when XLA_FLAGS "
                   "already sets the flag.")

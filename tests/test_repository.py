@@ -99,9 +99,9 @@ def test_entry_points_set_tensorflow_variables_before_it_loads(
      "--xla_cpu_use_fusion_emitters=true"),
 ])
 def test_xla_cpu_emitters_are_chosen_in_xla_flags(enabled, preset, expected):
-  # README, Installing: importing maml_tf leaves XLA_FLAGS alone; the choice
-  # joins a user's other flags, does not override a user's own value, and
-  # the XLA it runs on accepts it (XLA aborts on an unknown flag, so the
+  # README, Using runner.py: importing maml_tf leaves XLA_FLAGS alone; the
+  # choice joins a user's other flags, does not override a user's own value,
+  # and the XLA it runs on accepts it (XLA aborts on an unknown flag, so the
   # compile below fails if a TensorFlow upgrade drops it).
   code = f"""if True:
     import os, maml_tf
@@ -109,7 +109,8 @@ def test_xla_cpu_emitters_are_chosen_in_xla_flags(enabled, preset, expected):
     maml_tf.use_xla_cpu_fusion_emitters({enabled})
     import tensorflow as tf
     f = tf.function(lambda x: tf.reduce_sum(tf.sin(x) * x), jit_compile=True)
-    print(float(f(tf.range(4.0))), imported == {preset!r}, os.environ["XLA_FLAGS"])
+    print(float(f(tf.range(4.0))), imported == {preset!r},
+          os.environ["XLA_FLAGS"])
   """
   value, unchanged, flags = run_python(code, "XLA_FLAGS", preset).split(" ", 2)
   assert unchanged == "True" and flags.strip() == expected

@@ -59,8 +59,8 @@ flags.DEFINE_enum("xla_cpu_emitters", "auto", ["auto", "classic", "fusion"],
                   "XLA:CPU's kernel emitters (--xla_cpu_use_fusion_emitters). "
                   "auto: classic for the MAML family on images (a lower peak "
                   "memory, faster compiles and steps), fusion, "
-                  "TensorFlow's default, for the sinusoid and LEO (3x faster "
-                  "LEO compiles). No effect on GPUs, nor when XLA_FLAGS "
+                  "TensorFlow's default, for the sinusoid (faster steps) and "
+                  "LEO. No effect on GPUs, nor when XLA_FLAGS "
                   "already sets the flag.")
 flags.DEFINE_integer("intra_op_threads", None,
                      "Threads of TensorFlow's intra-op pool, which runs XLA's "

@@ -42,8 +42,7 @@ def use_xla_cpu_fusion_emitters(enabled: bool) -> bool:
 
   XLA reads ``XLA_FLAGS`` once, at the process's first compilation, so call
   this before anything is compiled. With TF 2.21's default, the MLIR fusion
-  emitters (True), LEO's steps compile about 3x faster and the sinusoid's run
-  up to 16% faster; with the classic emitters (False), the Omniglot meta-step
+  emitters (True), the sinusoid's steps run up to 16% faster; with the classic emitters (False), the Omniglot meta-step
   peaks 0.3 GB lower, and the conv4 MAML steps compile and run faster
   (README, Performance). Applied only with the TensorFlow release this
   was measured on, 2.21: XLA aborts on a flag it does not know.

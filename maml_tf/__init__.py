@@ -42,10 +42,11 @@ def use_xla_cpu_fusion_emitters(enabled: bool) -> bool:
 
   XLA reads ``XLA_FLAGS`` once, at the process's first compilation, so call
   this before anything is compiled. With TF 2.21's default, the MLIR fusion
-  emitters (True), the sinusoid's steps run up to 16% faster; with the classic emitters (False), the Omniglot meta-step
-  peaks 0.3 GB lower, and the conv4 MAML steps compile and run faster
-  (README, Performance). Applied only with the TensorFlow release this
-  was measured on, 2.21: XLA aborts on a flag it does not know.
+  emitters (True), the sinusoid's steps run up to 16% faster; with the
+  classic emitters (False), the Omniglot meta-step peaks 0.3 GB lower, and
+  the conv4 MAML steps compile and run faster (README, Performance). Applied
+  only with the TensorFlow release this was measured on, 2.21: XLA aborts on
+  a flag it does not know.
 
   Returns:
     Whether this call set the flag (False: the user's ``XLA_FLAGS`` already

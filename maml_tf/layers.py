@@ -191,6 +191,31 @@ def batch_norm_statistics(hook: Callable):
     _STATISTICS_HOOKS.pop()
 
 
+def normalize(x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor,
+              epsilon: float, gamma: tf.Tensor | None = None,
+              beta: tf.Tensor | None = None) -> tf.Tensor:
+  """``(x - mean) / sqrt(variance + epsilon) * gamma + beta``, for batch and
+  layer norm.
+
+  Args:
+    x: ``[T, ..., C]``.
+    mean, variance: statistics broadcastable to ``x``.
+    epsilon: added to the variance.
+    gamma, beta: per-task scale and offset ``[T, C]`` (None: none).
+  """
+  multiplier = tf.math.rsqrt(variance + epsilon)
+  expand = (slice(None),) + (None,) * (len(x.shape) - 2) + (slice(None),)
+  if gamma is not None:
+    # gamma joins the multiplier instead of scaling the normalised x, so that
+    # gamma's gradient and the variance's come from one sum over positions,
+    # sum(dy * (x - mean)); scaling x-hat made XLA sum twice and made MAML++
+    # on Omniglot 1.3-1.8x slower, and layer-norm MAML 1.23-1.36x (README,
+    # Performance).
+    multiplier = multiplier * gamma[expand]
+  y = (x - mean) * multiplier
+  return y if beta is None else y + beta[expand]
+
+
 class BatchNorm(FunctionalLayer):
   """Batch norm with current-batch statistics, as cbfinn/maml uses it.
 
@@ -222,20 +247,10 @@ class BatchNorm(FunctionalLayer):
 
   def normalize(self, params, x, mean, variance):
     """Applies ``(x - mean) / sqrt(var + eps) * gamma + beta``."""
-    multiplier = tf.math.rsqrt(variance + self.epsilon)
-    expand = [slice(None)] + [None] * (len(x.shape) - 2) + [slice(None)]
     params = list(params)
-    if self.scale:
-      # gamma joins the per-channel multiplier instead of scaling the
-      # normalised x, so that gamma's gradient and the variance's come from
-      # one sum over positions, sum(dy * (x - mean)); scaling x-hat made
-      # XLA sum twice and made MAML++ on Omniglot 1.3-1.8x slower (README,
-      # Performance).
-      multiplier = multiplier * params.pop(0)[tuple(expand)]
-    y = (x - mean) * multiplier
-    if self.center:
-      y = y + params.pop(0)[tuple(expand)]
-    return y
+    gamma = params.pop(0) if self.scale else None
+    beta = params.pop(0) if self.center else None
+    return normalize(x, mean, variance, self.epsilon, gamma, beta)
 
   def forward(self, params, x, step=0, training=True):
     if x.dtype in (tf.bfloat16, tf.float16):
@@ -288,14 +303,8 @@ class LayerNorm(FunctionalLayer):
       y = self.forward([tf.cast(p, tf.float32) for p in params],
                        tf.cast(x, tf.float32), step, training)
       return tf.cast(y, x.dtype)
-    gamma, beta = params
     mean, variance = exact_moments(x, list(range(2, len(x.shape))))
-    expand = (slice(None),) + (None,) * (len(x.shape) - 2) + (slice(None),)
-    # gamma joins rsqrt(var + eps) in one multiplier [T, B, 1, ..., C], as in
-    # BatchNorm.normalize: gamma's gradient and the variance's then share
-    # one sum over positions, sum(dy * (x - mean)).
-    multiplier = tf.math.rsqrt(variance + self.epsilon) * gamma[expand]
-    return (x - mean) * multiplier + beta[expand]
+    return normalize(x, mean, variance, self.epsilon, *params)
 
 
 def max_pool_2x2(x: tf.Tensor) -> tf.Tensor:

@@ -56,6 +56,8 @@ def _run_one(spec: dict) -> dict:
   if threads:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
   threads = tf.config.threading.get_intra_op_parallelism_threads()
+  settings = {"intra_op_threads": threads,
+              "xla_flags": os.environ.get("XLA_FLAGS")}
   # As runner.py --allow_tf32 (off by default): TF32 changes GPU figures only.
   tf.config.experimental.enable_tensor_float_32_execution(
       spec.get("allow_tf32", False))
@@ -84,8 +86,7 @@ def _run_one(spec: dict) -> dict:
 
   if workload.evaluation:
     return dict(_run_evaluation(spec, workload, learner, source, batches,
-                                input_ms), intra_op_threads=threads,
-                xla_flags=os.environ.get("XLA_FLAGS"))
+                                input_ms), **settings)
   k = workload.steps_per_call
   block = TaskBatch(*(tf.constant(np.stack([batches[i % len(batches)][f]
                                             for i in range(k)]))
@@ -115,7 +116,7 @@ def _run_one(spec: dict) -> dict:
       "first_loss": first_value, "peak_rss_mb": peak_rss_mb,
       "input_ms_per_step": input_ms,
       "gflop_per_step": None if flops is None else flops / 1e9,
-      "intra_op_threads": threads, "xla_flags": os.environ.get("XLA_FLAGS"),
+      **settings,
   }
 
 

@@ -8,6 +8,8 @@ Public API:
   MAMLPlusPlus, MAMLPPConfig: MAML++, Antoniou et al. 2019.
   MetaEstimator: scikit-learn style fit / predict / score around any of them.
   models: ``models.build(name, **kwargs)`` for the paper's networks.
+  use_xla_cpu_fusion_emitters: choose XLA:CPU's kernel emitters, before the
+    first compilation.
 
 Attributes are imported lazily, so tools that only need the data utilities
 (e.g. ``data_prep``) do not pay for importing TensorFlow.
@@ -83,7 +85,7 @@ _EXPORTS = {
     "models": ("maml_tf.models", None),
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "use_xla_cpu_fusion_emitters"]
 
 
 def __getattr__(name):

@@ -69,7 +69,8 @@ def _run_one(spec: dict) -> dict:
   config = training.TrainConfig(
       run_dir=tempfile.mkdtemp(), num_iterations=1,
       meta_batch_size=workload.meta_batch_size,
-      clip_value=workload.clip_value, steps_per_call=workload.steps_per_call,
+      clip_value=workload.clip_value,
+      clip_norm=workload.clip_norm, steps_per_call=workload.steps_per_call,
       log_every=workload.steps_per_call, print_every=workload.steps_per_call,
       save_every=workload.steps_per_call, val_every=0,
       jit_compile=spec["xla"], log=False, resume=False)

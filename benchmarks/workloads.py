@@ -10,7 +10,7 @@ Each workload is a paper setting (or the one performance.md measured):
   15 queries per class, 5 inner steps (lr 0.01), gradient clip 10.
 * ``leo_1shot`` / ``leo_5shot``: LEO on 640-d embeddings, 5-way, meta-batch
   12, 15 queries per class, the original's defaults (5 latent + 5 fine-tuning
-  steps).
+  steps; gradients clipped to 0.1 by value, then each tensor's norm to 0.1).
 * ``leo_test``: LEO's test evaluation, tasks with all 599 remaining queries per
   class, 10 tasks per compiled call; the figure is tasks/s.
 
@@ -43,6 +43,7 @@ class Workload:
     meta_batch_size: tasks per meta-step (or per evaluation call).
     steps_per_call: meta-steps per compiled call.
     clip_value: gradient clip by value (0: off).
+    clip_norm: then clip each gradient tensor's L2 norm (0: off).
     source: builds the task source.
     model: ``maml_tf.models`` name (MAML family) or None (LEO).
     model_kwargs: ``models.build`` options.
@@ -66,6 +67,7 @@ class Workload:
   inner_lr: float = 0.0
   inner_steps: int = 0
   leo_shots: int = 0
+  clip_norm: float = 0.0
   evaluation: bool = False
   intra_op_threads: int = 0
   fusion_emitters: bool = True
@@ -123,9 +125,9 @@ def workloads(omniglot_cache: str | None = None) -> dict[str, Workload]:
           model="conv4_miniimagenet", model_kwargs={"num_classes": 5},
           inner_lr=0.01, inner_steps=5, fusion_emitters=False),
       "leo_1shot": Workload("leo_1shot", 12, 1, 0.1, _leo_source(1, 15),
-                            leo_shots=1),
+                            leo_shots=1, clip_norm=0.1),
       "leo_5shot": Workload("leo_5shot", 12, 1, 0.1, _leo_source(5, 15),
-                            leo_shots=5),
+                            leo_shots=5, clip_norm=0.1),
       "leo_test": Workload("leo_test", 10, 1, 0.0, _leo_source(1, 599),
                            leo_shots=1, evaluation=True),
   }

@@ -25,6 +25,19 @@ def flat(tensors) -> np.ndarray:
   return np.concatenate([np.ravel(np.asarray(t)) for t in tensors])
 
 
+def windowed_reductions(hlo: str) -> list[str]:
+  """The reduce-windows of XLA's optimised HLO whose window spans more than
+  one axis: what XLA:CPU makes of a sum over several axes longer than 32,
+  and what its classic emitters take seconds each to compile."""
+  found = []
+  for line in hlo.splitlines():
+    if " reduce-window(" in line:
+      window = line.split("window={size=")[1].split()[0]
+      if sum(int(n) > 1 for n in window.split("x")) > 1:
+        found.append(line.strip()[:120])
+  return found
+
+
 def directional_fd(loss_fn, variables, direction, eps):
   """Central finite difference of ``loss_fn()`` along ``direction``
   (a flat vector over ``variables``); restores the variables."""

@@ -117,6 +117,36 @@ def test_clip_by_value_then_per_tensor_norm():
   np.testing.assert_allclose(clipped[0].numpy(),
                              [0.5 / np.sqrt(2), -0.5 / np.sqrt(2)], rtol=1e-6)
   np.testing.assert_allclose(clipped[1].numpy(), [0.05])
+  # A matrix's norm is over all its elements, and its shape is kept.
+  matrix = tf.random.stateless_normal([64, 48], seed=[1, 2])
+  np.testing.assert_allclose(
+      training.clip_gradients([matrix], 0.0, 0.5)[0].numpy(),
+      tf.clip_by_norm(matrix, 0.5).numpy(), rtol=1e-6)
+
+
+def test_norm_clipping_and_finite_check_compile_as_flat_reductions():
+  # XLA:CPU splits a reduction over a 2-d tensor with axes longer than 32
+  # into 32x32 reduce-windows, whose kernels took the classic emitters
+  # 12-16 s each to compile for LEO's 128x128 weights.
+  grads = [tf.random.stateless_normal([128, 128], seed=[3, 4]),
+           tf.random.stateless_normal([640, 64], seed=[5, 6])]
+
+  @tf.function(jit_compile=True)
+  def update(grads):
+    return (training.clip_gradients(grads, 0.1, 0.1),
+            training.all_finite(tf.constant(1.0), grads))
+
+  hlo = update.experimental_get_compiler_ir(grads)(stage="optimized_hlo")
+  assert not helpers.windowed_reductions(hlo)
+  clipped, finite = update(grads)
+  assert bool(finite)
+  for got, g in zip(clipped, grads):
+    want = tf.clip_by_norm(tf.clip_by_value(g, -0.1, 0.1), 0.1)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5,
+                               atol=1e-9)
+  poisoned = [grads[0], tf.tensor_scatter_nd_update(
+      grads[1], [[600, 60]], [float("nan")])]
+  assert not bool(update(poisoned)[1])
 
 
 def test_best_checkpoint_is_replaced_atomically(tmp_path):

@@ -110,6 +110,31 @@ def test_inner_update_hand_computed():
   assert out[1] is params[1]
 
 
+@pytest.mark.parametrize("shape", [[32, 3, 3, 64, 64], [32, 64]])
+def test_a_learned_scalar_rate_gets_its_gradient_from_a_flat_sum(shape):
+  # MAML++'s per-layer rates: d/d lr of sum(c * (p - lr * g)) = -sum(c * g),
+  # summed over one flat axis, not as XLA:CPU's multi-axis reduce-windows
+  # (which took its classic emitters 1-4 s each to compile).
+  p, g, c = (tf.random.stateless_normal(shape, seed=[i, 7]) for i in range(3))
+  lr = tf.constant(0.1)
+
+  @tf.function(jit_compile=True)
+  def rate_gradient(lr, p, g, c):
+    with tf.GradientTape() as tape:
+      tape.watch(lr)
+      loss = tf.reduce_sum(c * inner_update([p], [g], [lr])[0])
+    return tape.gradient(loss, lr)
+
+  hlo = rate_gradient.experimental_get_compiler_ir(lr, p, g, c)(
+      stage="optimized_hlo")
+  assert not helpers.windowed_reductions(hlo)
+  want = -np.sum(c.numpy().astype(np.float64) * g.numpy())
+  np.testing.assert_allclose(rate_gradient(lr, p, g, c).numpy(), want,
+                             rtol=1e-4)
+  np.testing.assert_allclose(inner_update([p], [g], [lr])[0].numpy(),
+                             (p - 0.1 * g).numpy(), rtol=1e-6)
+
+
 def test_one_inner_step_lowers_support_loss():
   model = models.build("conv4_omniglot", num_classes=5, num_filters=8, seed=0)
   learner = MAML(model, 0.01, 1, use_tf_function=False)

@@ -60,8 +60,9 @@ flags.DEFINE_enum("xla_cpu_emitters", "auto", ["auto", "classic", "fusion"],
                   "auto: classic for the MAML family on images (a lower peak "
                   "memory, faster compiles and steps), fusion, "
                   "TensorFlow's default, for the sinusoid (faster steps) and "
-                  "LEO. No effect on GPUs, nor when XLA_FLAGS "
-                  "already sets the flag.")
+                  "LEO (first calls 3-5 s shorter; classic trains LEO "
+                  "1.2-1.5x faster once compiled). No effect on GPUs, nor "
+                  "when XLA_FLAGS already sets the flag.")
 flags.DEFINE_integer("intra_op_threads", None,
                      "Threads of TensorFlow's intra-op pool, which runs XLA's "
                      "kernels and the large matmuls on a CPU. 0: TensorFlow's "

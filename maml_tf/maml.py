@@ -101,10 +101,11 @@ def inner_update(params: Sequence[tf.Tensor],
       g = tf.stop_gradient(g)
     lr = as_dtype(lr, p.dtype)
     if lr.shape.rank == 0 and p.shape.rank > 1:
-      # A learned scalar rate (MAML++'s LSLR): its gradient sums over every
-      # axis of the weight. Over one flat axis that sum is one loop; over
-      # [T, 3, 3, C, C] XLA:CPU splits it into 32x32 reduce-windows, which
-      # took the classic emitters 1-4 s each to compile.
+      # Any scalar rate, so that a learned one (MAML++'s LSLR) gets its
+      # gradient, a sum over every axis of the weight, from one flat axis:
+      # over [T, 3, 3, C, C] XLA:CPU splits that sum into 32x32
+      # reduce-windows, which took the classic emitters 1-4 s each to
+      # compile. (A constant rate only gains a free reshape.)
       updated.append(p - tf.reshape(lr * tf.reshape(g, [-1]), tf.shape(p)))
     else:
       updated.append(p - lr * g)

@@ -14,6 +14,8 @@ _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[a-z0-9]+\[([0-9,]*)\]")
 _OPERANDS = re.compile(r"\s(dot|convolution)\(%?([\w.\-]+),\s*%?([\w.\-]+)\)")
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{([0-9,]*)\}")
 _LABELS = re.compile(r"dim_labels=[a-z0-9]+_([a-z0-9]+)->")
+_OP = re.compile(r"=\s*[a-z0-9]+\[[0-9,]*\]\S*\s+([a-z\-]+)\(%?([\w.\-]+)"
+                 r"(?:,\s*%?([\w.\-]+))?")
 
 
 def _dims(text: str) -> list[int]:
@@ -24,16 +26,27 @@ def hlo_flops(hlo: str) -> float:
   """Floating-point operations of the dots and convolutions in an HLO module.
 
   A dot costs ``2 * prod(output) * prod(contracted lhs dims)``; a convolution
-  ``2 * prod(output) * prod(kernel) / output_features``. Elementwise work is
-  not counted (a few percent here), so this slightly undercounts.
-  Instructions inside a while-loop body are counted once.
+  ``2 * prod(output) * prod(kernel) / output_features``; a sum of outer
+  products (a reduce of the product of two broadcasts, as
+  ``maml_tf.layers.task_matmul`` computes weight gradients) ``2 *
+  prod(product)``, as the dot it replaces. Other elementwise work is not
+  counted (a few percent here), so this slightly undercounts. Instructions
+  inside a while-loop body are counted once.
   """
-  shapes = {}
+  shapes, ops = {}, {}
   for line in hlo.splitlines():
     m = _DEF.match(line)
     if m:
       shapes[m.group(1)] = _dims(m.group(2))
+      op = _OP.search(line)
+      if op:
+        ops[m.group(1)] = op.groups()
   total = 0.0
+  for name, (opcode, operand, _) in ops.items():
+    product = ops.get(operand)
+    if (opcode == "reduce" and product and product[0] == "multiply" and
+        all(ops.get(f, ("",))[0] == "broadcast" for f in product[1:])):
+      total += 2.0 * np.prod(shapes[operand])
   for line in hlo.splitlines():
     m, ops = _DEF.match(line), _OPERANDS.search(line)
     if not (m and ops) or ops.group(2) not in shapes:

@@ -27,6 +27,22 @@ def test_flops_are_counted_from_the_compiled_program():
   assert measure.function_flops(fn, *args) == pytest.approx(expected)
 
 
+def test_a_sum_of_outer_products_counts_as_the_matmul_it_replaces():
+  """task_matmul's weight gradients are fused sums of outer products."""
+  x, d = tf.ones([3, 5, 7]), tf.ones([3, 5, 6])
+  fused = tf.function(
+      lambda x, d: tf.reduce_sum(x[:, :, :, None] * d[:, :, None, :], axis=1),
+      jit_compile=True)
+  dot = tf.function(lambda x, d: tf.einsum("tbi,tbo->tio", x, d),
+                    jit_compile=True)
+  assert measure.function_flops(fused, x, d) == 2 * 3 * 5 * 7 * 6
+  assert measure.function_flops(dot, x, d) == 2 * 3 * 5 * 7 * 6
+  # A sum of a product with one broadcast (batch norm's, say) is not counted.
+  scaled = tf.function(lambda x, d: tf.reduce_sum(x * d[:, :, :1], axis=1),
+                       jit_compile=True)
+  assert measure.function_flops(scaled, x, d) == 0
+
+
 def test_benchmark_command_writes_its_table_as_json(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(

@@ -25,15 +25,20 @@ def _derivatives(matmul, x, w, directions, order):
     grads = tape.gradient(value, variables)
     results.extend(grads)
     value = sum(tf.reduce_sum(g * d) for g, d in zip(grads, directions[k]))
-  return [r.numpy() for r in results]
+  return results
+
+
+def _xla(fn):
+  return tf.function(fn, jit_compile=True, autograph=False)
 
 
 @pytest.mark.parametrize("examples", [1, 10, 32])
 def test_task_matmul_has_the_plain_matmuls_derivatives_to_third_order(examples):
-  """task_matmul computes weight gradients as sums of outer products, in three
-  custom gradients that differentiate into each other: every derivative
-  up to the third must equal a plain matmul's, with the final gradient (no
-  tape recording it, a dot) and the recorded ones (fused sums)."""
+  """Compiled by XLA, task_matmul computes weight gradients as sums of outer
+  products, in three custom gradients that differentiate into each other:
+  every derivative up to the third must equal a plain matmul's, with the
+  final gradient (no tape recording it, a dot) and the recorded ones (fused
+  sums)."""
   rng = np.random.default_rng(7)
   x = tf.constant(rng.normal(size=(3, examples, 4)))
   w = tf.constant(rng.normal(size=(3, 4, 5)))
@@ -41,11 +46,28 @@ def test_task_matmul_has_the_plain_matmuls_derivatives_to_third_order(examples):
                 for _ in range(3)]
   plain = lambda a, b: tf.einsum("tbi,tio->tbo", a, b)
   for order in (1, 2, 3):
-    ours = _derivatives(L.task_matmul, x, w, directions, order)
+    with mock.patch.object(L, "_outer_sum", wraps=L._outer_sum) as fused:
+      ours = _xla(lambda a, b: _derivatives(L.task_matmul, a, b, directions,
+                                            order))(x, w)
+    # Recorded weight gradients (order > 1) are the fused sums.
+    assert fused.called == (order > 1)
     reference = _derivatives(plain, x, w, directions, order)
     assert len(ours) == 1 + 2 * order
     for a, b in zip(ours, reference):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_task_matmul_is_a_plain_matmul_without_xla():
+  """Without XLA, TensorFlow would materialise the outer products (slower),
+  and a long example axis would make XLA's sum a slow reduce-window."""
+  x, w = tf.ones([2, 3, 4]), tf.ones([2, 4, 5])
+  with mock.patch.object(L, "_task_matmul", wraps=L._task_matmul) as fused:
+    L.task_matmul(x, w)
+    tf.function(L.task_matmul, autograph=False)(x, w)
+    _xla(L.task_matmul)(tf.ones([2, 33, 4]), w)
+    assert not fused.called
+    _xla(L.task_matmul)(x, w)
+    assert fused.called
 
 
 def test_task_matmul_second_order_through_a_cond_branch():
@@ -58,7 +80,7 @@ def test_task_matmul_second_order_through_a_cond_branch():
   v = tf.constant(rng.normal(size=(2, 4, 5)))
 
   def second_derivative(matmul):
-    @tf.function(autograph=False)
+    @_xla
     def run(x, w):
       with tf.GradientTape() as outer:
         outer.watch(w)

@@ -74,8 +74,9 @@ class FunctionalLayer(keras.layers.Layer):
 # sum of outer products over that axis, fused by XLA, took 12 us. The three
 # functions below are one closed family, each differentiating into the others,
 # so that the inner loop's weight gradients and every second-order term take
-# the fused sum, to any order. The sinusoid's MAML step ran 1.30x faster
-# (README, Performance).
+# the fused sum, to any order (and the final weight gradients too, for
+# second-order learners: ``final_weight_gradient_sums``). The sinusoid's MAML
+# step ran 1.30x faster (README, Performance).
 
 
 def _recorded(*tensors: tf.Tensor) -> bool:
@@ -99,18 +100,40 @@ def _local(*tensors: tf.Tensor) -> list[tf.Tensor]:
   return [tf.identity(t) for t in tensors]
 
 
+# Innermost last; see ``final_weight_gradient_sums``.
+_FINAL_SUMS: list[bool] = []
+
+
+@contextlib.contextmanager
+def final_weight_gradient_sums(enabled: bool):
+  """Whether ``task_matmul`` calls made within the context compute their
+  final weight gradients (those no tape records) as fused sums too.
+
+  A learner whose meta-gradient is second order enables it: each fast
+  weight's final gradient then adds several terms (the query's, the support
+  forward pass's, the second-order ones) before the sum over tasks, and the
+  sums were faster (sinusoid MAML 28 against 31 ms per 100 steps, ANIL 16
+  against 22 ms). Off by default: a first-order meta-gradient sums a single
+  term over tasks at once, and XLA merges a fused sum over examples with that
+  sum over tasks into one reduction, 15x slower than a matmul (first-order
+  MAML 28 against 21 ms).
+  """
+  _FINAL_SUMS.append(bool(enabled))
+  try:
+    yield
+  finally:
+    _FINAL_SUMS.pop()
+
+
 @tf.custom_gradient
 def _task_matmul(x: tf.Tensor, w: tf.Tensor):
   """``x[t] @ w[t]``: ``[T, B, I]`` x ``[T, I, O]`` -> ``[T, B, O]``."""
   x, w = _local(x, w)
+  final_sums = bool(_FINAL_SUMS and _FINAL_SUMS[-1])
 
   def grad(dy):
-    if _recorded(x, dy):
+    if final_sums or _recorded(x, dy):
       return _task_matmul_t(dy, w), _outer_sum(x, dy)
-    # A final weight gradient, which the meta-gradient sums over tasks next:
-    # XLA merges a fused sum over examples with that sum over tasks into one
-    # reduction, 15x slower than this matmul (first-order MAML's sinusoid
-    # step took 28 against 21 ms per 100 steps).
     return _task_matmul_t(dy, w), tf.einsum("tbi,tbo->tio", x, dy)
 
   return tf.einsum("tbi,tio->tbo", x, w), grad

@@ -332,14 +332,15 @@ class MAML(tf.Module):
       classification, the matching accuracies.
     """
     del step
-    params = self.initial_fast_weights(num_tasks(batch.support_x))
-    shots = self.shots(batch)
-    trajectory, support_losses = self.adapt_encoded(
-        params, self.encode(params, batch.support_x, training),
-        batch.support_y, shots, self.num_inner_steps, training)
-    outputs = self.forward(trajectory[-1],
-                           self.encode(params, batch.query_x, training),
-                           self.query_step(self.num_inner_steps), training)
+    with L.final_weight_gradient_sums(not self.first_order):
+      params = self.initial_fast_weights(num_tasks(batch.support_x))
+      shots = self.shots(batch)
+      trajectory, support_losses = self.adapt_encoded(
+          params, self.encode(params, batch.support_x, training),
+          batch.support_y, shots, self.num_inner_steps, training)
+      outputs = self.forward(trajectory[-1],
+                             self.encode(params, batch.query_x, training),
+                             self.query_step(self.num_inner_steps), training)
     query_losses = self.task_loss(outputs, batch.query_y, shots)
     loss = tf.reduce_mean(query_losses)
     metrics = {"post_update_loss": loss}

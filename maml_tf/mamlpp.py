@@ -307,7 +307,7 @@ class MAMLPlusPlus(MAML):
     recording = (self.statistics.recording(training)
                  if self.statistics is not None else
                  contextlib.nullcontext())
-    with recording as recorded:
+    with recording as recorded, L.final_weight_gradient_sums(not first_order):
       params = self.initial_fast_weights(num_tasks(batch.support_x))
       shots = self.shots(batch)
       trajectory, support_losses = self.adapt_encoded(

@@ -45,12 +45,15 @@ def test_task_matmul_has_the_plain_matmuls_derivatives_to_third_order(examples):
   directions = [[tf.constant(rng.normal(size=t.shape)) for t in (x, w)]
                 for _ in range(3)]
   plain = lambda a, b: tf.einsum("tbi,tio->tbo", a, b)
-  for order in (1, 2, 3):
+  for order, final_sums in [(1, False), (1, True), (2, False), (2, True),
+                            (3, False)]:
     with mock.patch.object(L, "_outer_sum", wraps=L._outer_sum) as fused:
-      ours = _xla(lambda a, b: _derivatives(L.task_matmul, a, b, directions,
-                                            order))(x, w)
-    # Recorded weight gradients (order > 1) are the fused sums.
-    assert fused.called == (order > 1)
+      with L.final_weight_gradient_sums(final_sums):
+        ours = _xla(lambda a, b: _derivatives(L.task_matmul, a, b,
+                                              directions, order))(x, w)
+    # Recorded weight gradients (order > 1) are the fused sums, and the
+    # final one too where a second-order learner asks for it.
+    assert fused.called == (order > 1 or final_sums)
     reference = _derivatives(plain, x, w, directions, order)
     assert len(ours) == 1 + 2 * order
     for a, b in zip(ours, reference):
@@ -109,29 +112,32 @@ def _example_axis_dots(hlo: str, shape: str) -> list[str]:
           "rhs_contracting_dims={1}" in line]
 
 
-def test_second_order_maml_sums_outer_products_for_its_inner_gradients():
-  """In the compiled second-order MAML meta-gradient of a 40-40 MLP, the
-  inner loop's weight gradients and the second-order terms are fused sums,
-  not matmuls over the example axis (3x slower on XLA:CPU); only the final
-  weight gradients of the 40x40 layer remain matmuls."""
+def test_maml_weight_gradients_are_fused_sums_but_first_orders_final_one():
+  """In the compiled MAML meta-gradient of a 40-40 MLP, the 40x40 layer's
+  weight gradients are fused sums, not matmuls over the example axis (3x
+  slower on XLA:CPU). Second order: all of them. First order: all but the
+  final one, which XLA would merge with the sum over tasks."""
   from maml_tf import models
   from maml_tf.maml import MAML
   from maml_tf.tasks import TaskBatch
   rng = np.random.default_rng(0)
   batch = TaskBatch(*(tf.constant(rng.normal(size=(4, 10, 1)), tf.float32)
                       for _ in range(4)))
-  learner = MAML(models.build("mlp_sinusoid", seed=0), inner_lr=0.01,
-                 num_inner_steps=1)
-  fn = tf.function(learner._meta_gradients, jit_compile=True)
-  hlo = fn.experimental_get_compiler_ir(batch, None)(stage="optimized_hlo")
-  # The query term and the term through the support forward pass.
-  assert len(_example_axis_dots(hlo, "f32[4,40,40]")) == 2
+  model = models.build("mlp_sinusoid", seed=0)
+
+  def dots(first_order):
+    learner = MAML(model, inner_lr=0.01, num_inner_steps=1,
+                   first_order=first_order)
+    fn = tf.function(learner._meta_gradients, jit_compile=True)
+    hlo = fn.experimental_get_compiler_ir(batch, None)(stage="optimized_hlo")
+    return len(_example_axis_dots(hlo, "f32[4,40,40]"))
+
+  assert dots(first_order=False) == 0
+  assert dots(first_order=True) == 1
   # The same network with plain matmuls: the check can fail.
   plain = lambda x, w: tf.einsum("tbi,tio->tbo", x, w)
   with mock.patch.object(L, "task_matmul", plain):
-    fn = tf.function(learner._meta_gradients, jit_compile=True)
-    hlo = fn.experimental_get_compiler_ir(batch, None)(stage="optimized_hlo")
-  assert len(_example_axis_dots(hlo, "f32[4,40,40]")) >= 4
+    assert dots(first_order=False) >= 4
 
 
 @pytest.mark.parametrize("stride,size,cin", [(1, 7, 3), (2, 7, 1), (2, 8, 4),

@@ -76,7 +76,7 @@ class FunctionalLayer(keras.layers.Layer):
 # so that the inner loop's weight gradients and every second-order term take
 # the fused sum, to any order (and the final weight gradients too, for
 # second-order learners: ``final_weight_gradient_sums``). The sinusoid's MAML
-# step ran 1.30x faster (README, Performance).
+# step ran 1.4x faster (README, Performance).
 
 
 def _recorded(*tensors: tf.Tensor) -> bool:

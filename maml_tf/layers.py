@@ -117,6 +117,10 @@ def final_weight_gradient_sums(enabled: bool):
   term over tasks at once, and XLA merges a fused sum over examples with that
   sum over tasks into one reduction, 15x slower than a matmul (first-order
   MAML 28 against 21 ms).
+
+  Args:
+    enabled: True for a second-order meta-gradient. Read when the forward
+      pass is traced, so the gradients computed later follow it.
   """
   _FINAL_SUMS.append(bool(enabled))
   try:

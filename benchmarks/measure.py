@@ -23,7 +23,8 @@ def _dims(text: str) -> list[int]:
 
 
 def hlo_flops(hlo: str) -> float:
-  """Floating-point operations of the dots and convolutions in an HLO module.
+  """Floating-point operations of the dots, convolutions and sums of outer
+  products in an HLO module.
 
   A dot costs ``2 * prod(output) * prod(contracted lhs dims)``; a convolution
   ``2 * prod(output) * prod(kernel) / output_features``; a sum of outer
@@ -33,19 +34,20 @@ def hlo_flops(hlo: str) -> float:
   counted (a few percent here), so this slightly undercounts. Instructions
   inside a while-loop body are counted once.
   """
-  shapes, ops = {}, {}
+  shapes, definitions = {}, {}
   for line in hlo.splitlines():
     m = _DEF.match(line)
     if m:
       shapes[m.group(1)] = _dims(m.group(2))
       op = _OP.search(line)
       if op:
-        ops[m.group(1)] = op.groups()
+        definitions[m.group(1)] = op.groups()
   total = 0.0
-  for name, (opcode, operand, _) in ops.items():
-    product = ops.get(operand)
+  for opcode, operand, _ in definitions.values():
+    product = definitions.get(operand)
     if (opcode == "reduce" and product and product[0] == "multiply" and
-        all(ops.get(f, ("",))[0] == "broadcast" for f in product[1:])):
+        all(definitions.get(f, ("",))[0] == "broadcast"
+            for f in product[1:])):
       total += 2.0 * np.prod(shapes[operand])
   for line in hlo.splitlines():
     m, ops = _DEF.match(line), _OPERANDS.search(line)

@@ -115,7 +115,7 @@ def final_weight_gradient_sums(enabled: bool):
   sums were faster (sinusoid MAML 28 against 31 ms per 100 steps, ANIL 16
   against 22 ms). Off by default: a first-order meta-gradient sums a single
   term over tasks at once, and XLA merges a fused sum over examples with that
-  sum over tasks into one reduction, 15x slower than a matmul (first-order
+  sum over tasks into one reduction, 14x slower than a matmul (first-order
   MAML 28 against 21 ms).
 
   Args:

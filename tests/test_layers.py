@@ -7,6 +7,13 @@ import pytest
 import tensorflow as tf
 
 from maml_tf import layers as L
+from maml_tf import models
+from maml_tf.maml import MAML
+from maml_tf.tasks import TaskBatch
+
+
+def _plain_matmul(x, w):
+  return tf.einsum("tbi,tio->tbo", x, w)
 
 
 def _derivatives(matmul, x, w, directions, order):
@@ -44,7 +51,6 @@ def test_task_matmul_has_the_plain_matmuls_derivatives_to_third_order(examples):
   w = tf.constant(rng.normal(size=(3, 4, 5)))
   directions = [[tf.constant(rng.normal(size=t.shape)) for t in (x, w)]
                 for _ in range(3)]
-  plain = lambda a, b: tf.einsum("tbi,tio->tbo", a, b)
   for order, final_sums in [(1, False), (1, True), (2, False), (2, True),
                             (3, False)]:
     with mock.patch.object(L, "_outer_sum", wraps=L._outer_sum) as fused:
@@ -54,7 +60,7 @@ def test_task_matmul_has_the_plain_matmuls_derivatives_to_third_order(examples):
     # Recorded weight gradients (order > 1) are the fused sums, and the
     # final one too where a second-order learner asks for it.
     assert fused.called == (order > 1 or final_sums)
-    reference = _derivatives(plain, x, w, directions, order)
+    reference = _derivatives(_plain_matmul, x, w, directions, order)
     assert len(ours) == 1 + 2 * order
     for a, b in zip(ours, reference):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -97,9 +103,8 @@ def test_task_matmul_second_order_through_a_cond_branch():
       return outer.gradient(g, w)
     return run(x, w).numpy()
 
-  plain = lambda a, b: tf.einsum("tbi,tio->tbo", a, b)
   np.testing.assert_allclose(second_derivative(L.task_matmul),
-                             second_derivative(plain), rtol=1e-10)
+                             second_derivative(_plain_matmul), rtol=1e-10)
 
 
 def _example_axis_dots(hlo: str, shape: str) -> list[str]:
@@ -117,9 +122,6 @@ def test_maml_weight_gradients_are_fused_sums_but_first_orders_final_one():
   weight gradients are fused sums, not matmuls over the example axis (3x
   slower on XLA:CPU). Second order: all of them. First order: all but the
   final one, which XLA would merge with the sum over tasks."""
-  from maml_tf import models
-  from maml_tf.maml import MAML
-  from maml_tf.tasks import TaskBatch
   rng = np.random.default_rng(0)
   batch = TaskBatch(*(tf.constant(rng.normal(size=(4, 10, 1)), tf.float32)
                       for _ in range(4)))
@@ -135,8 +137,7 @@ def test_maml_weight_gradients_are_fused_sums_but_first_orders_final_one():
   assert dots(first_order=False) == 0
   assert dots(first_order=True) == 1
   # The same network with plain matmuls: the check can fail.
-  plain = lambda x, w: tf.einsum("tbi,tio->tbo", x, w)
-  with mock.patch.object(L, "task_matmul", plain):
+  with mock.patch.object(L, "task_matmul", _plain_matmul):
     assert dots(first_order=False) >= 4
 
 

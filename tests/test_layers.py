@@ -79,6 +79,26 @@ def test_task_matmul_is_a_plain_matmul_without_xla():
     assert fused.called
 
 
+def _second_derivative_through_cond(op, v):
+  """A compiled function of ``(x, w)``: the derivative along ``v`` of the
+  gradient w.r.t. ``w`` of ``sum(sin(op(x, 1.5 w)))``, computed inside a
+  ``tf.cond`` branch on a fast weight made outside it, as MAML++'s
+  multi-step loss does."""
+  @_xla
+  def run(x, w):
+    with tf.GradientTape() as outer:
+      outer.watch(w)
+      with tf.GradientTape() as inner:
+        inner.watch(w)
+        fast = w * 1.5
+        y = tf.cond(tf.reduce_sum(x) < 1e9,
+                    lambda: tf.reduce_sum(tf.sin(op(x, fast))),
+                    lambda: tf.constant(0.0, tf.float64))
+      g = tf.reduce_sum(inner.gradient(y, w) * v)
+    return outer.gradient(g, w)
+  return run
+
+
 def test_task_matmul_second_order_through_a_cond_branch():
   """MAML++'s multi-step loss runs forward passes inside ``tf.cond`` on fast
   weights made outside it; the second derivative through the cond must
@@ -87,24 +107,9 @@ def test_task_matmul_second_order_through_a_cond_branch():
   x = tf.constant(rng.normal(size=(2, 3, 4)))
   w = tf.constant(rng.normal(size=(2, 4, 5)))
   v = tf.constant(rng.normal(size=(2, 4, 5)))
-
-  def second_derivative(matmul):
-    @_xla
-    def run(x, w):
-      with tf.GradientTape() as outer:
-        outer.watch(w)
-        with tf.GradientTape() as inner:
-          inner.watch(w)
-          fast = w * 1.5
-          y = tf.cond(tf.reduce_sum(x) < 1e9,
-                      lambda: tf.reduce_sum(tf.sin(matmul(x, fast))),
-                      lambda: tf.constant(0.0, tf.float64))
-        g = tf.reduce_sum(inner.gradient(y, w) * v)
-      return outer.gradient(g, w)
-    return run(x, w).numpy()
-
-  np.testing.assert_allclose(second_derivative(L.task_matmul),
-                             second_derivative(_plain_matmul), rtol=1e-10)
+  np.testing.assert_allclose(
+      _second_derivative_through_cond(L.task_matmul, v)(x, w),
+      _second_derivative_through_cond(_plain_matmul, v)(x, w), rtol=1e-10)
 
 
 def _example_axis_dots(hlo: str, shape: str) -> list[str]:
@@ -184,18 +189,7 @@ def test_task_conv_through_a_cond_branch_stays_canonical():
   v = tf.constant(rng.normal(size=(2, 3, 3, 2, 4)))
 
   def second_derivative(conv):
-    @_xla
-    def run(x, w):
-      with tf.GradientTape() as outer:
-        outer.watch(w)
-        with tf.GradientTape() as inner:
-          inner.watch(w)
-          fast = w * 1.5
-          y = tf.cond(tf.reduce_sum(x) < 1e9,
-                      lambda: tf.reduce_sum(tf.sin(conv(x, fast))),
-                      lambda: tf.constant(0.0, tf.float64))
-        g = tf.reduce_sum(inner.gradient(y, w) * v)
-      return outer.gradient(g, w)
+    run = _second_derivative_through_cond(conv, v)
     return (run(x, w).numpy(),
             _conv_labels(run.experimental_get_compiler_ir(x, w)(
                 stage="optimized_hlo")))

@@ -219,6 +219,16 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
   return out, total // 2, total - total // 2
 
 
+def dim(x: tf.Tensor, axis: int):
+  """``x``'s size along ``axis``: a Python int where it is static (as under
+  XLA), else a scalar tensor. A static size keeps a Shape op, a strided
+  slice and its three constants out of the graph, which the unrolled tasks
+  and inner steps repeat many times over; the op count sets the tracing time
+  (README, Performance)."""
+  size = x.shape[axis]
+  return size if size is not None else tf.shape(x)[axis]
+
+
 def extract_patches(x: tf.Tensor, kernel_size: int, stride: int) -> tf.Tensor:
   """im2col for a 'SAME' convolution.
 
@@ -278,8 +288,10 @@ def _task_conv(x: tf.Tensor, w: tf.Tensor):
     return (_task_conv(dy, _flipped(w)),
             _task_conv_filter(x, dy, kernel_size))
 
-  return tf.stack([tf.nn.conv2d(x[t], w[t], 1, "SAME")
-                   for t in range(x.shape[0])]), grad
+  # One unstack per operand, not a strided slice per task: the step's graph
+  # is unrolled over tasks and steps, and its op count sets the tracing time.
+  return tf.stack([tf.nn.conv2d(x_t, w_t, 1, "SAME")
+                   for x_t, w_t in zip(tf.unstack(x), tf.unstack(w))]), grad
 
 
 def _task_conv_filter(x: tf.Tensor, d: tf.Tensor,
@@ -295,16 +307,14 @@ def _task_conv_filter(x: tf.Tensor, d: tf.Tensor,
     def grad(g):
       return _task_conv(d, _flipped(g)), _task_conv(x, g)
 
-    filters = []
-    for t in range(x.shape[0]):
-      # [C, H, W, B] by [H, W, B, F] -> [C, k, k, F]: x's channels are this
-      # convolution's batch, its examples the contracted channels, and the
-      # window the whole image.
-      out = tf.nn.conv2d(tf.transpose(x[t], [3, 1, 2, 0]),
-                         tf.transpose(d[t], [1, 2, 0, 3]), 1,
-                         [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-      filters.append(tf.transpose(out, [1, 2, 0, 3]))
-    return tf.stack(filters), grad
+    # Per task, [C, H, W, B] by [H, W, B, F] -> [C, k, k, F]: x's channels
+    # are this convolution's batch, its examples the contracted channels, and
+    # the window the whole image. Transposed once for all tasks.
+    filters = [
+        tf.nn.conv2d(x_t, d_t, 1, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        for x_t, d_t in zip(tf.unstack(tf.transpose(x, [0, 4, 2, 3, 1])),
+                            tf.unstack(tf.transpose(d, [0, 2, 3, 1, 4])))]
+    return tf.transpose(tf.stack(filters), [0, 2, 3, 1, 4]), grad
 
   return conv_filter(x, d)
 
@@ -341,7 +351,7 @@ class Conv2D(FunctionalLayer):
 
   def forward(self, params, x, step=0, training=True):
     kernel, bias = params
-    t, b = tf.shape(x)[0], tf.shape(x)[1]
+    t, b = dim(x, 0), dim(x, 1)
     if _per_task_convolutions(x, self.kernel_size, self.stride):
       out = _task_conv(x, kernel)
       h, w = x.shape[2], x.shape[3]
@@ -462,10 +472,10 @@ class BatchNorm(FunctionalLayer):
                        tf.cast(x, tf.float32), step, training)
       return tf.cast(y, x.dtype)
     axes = list(range(1, len(x.shape) - 1))
-    shape = tf.shape(x)
+    shape = [dim(x, axis) for axis in range(len(x.shape))]
     count = 1  # elements per statistic
     for axis in axes:
-      count *= x.shape[axis] if x.shape[axis] is not None else shape[axis]
+      count *= shape[axis]
     flatten = any(x.shape[a] is None or x.shape[a] > _TREE_REDUCTION_WINDOW
                   for a in axes)
     if flatten:
@@ -518,8 +528,9 @@ def max_pool_2x2(x: tf.Tensor) -> tf.Tensor:
   """
   height, width, channels = int(x.shape[2]), int(x.shape[3]), int(x.shape[4])
   h2, w2 = height // 2, width // 2
-  x = x[:, :, :2 * h2, :2 * w2, :]
-  x = tf.reshape(x, [tf.shape(x)[0], tf.shape(x)[1], h2, 2, w2, 2, channels])
+  if height % 2 or width % 2:
+    x = x[:, :, :2 * h2, :2 * w2, :]
+  x = tf.reshape(x, [dim(x, 0), dim(x, 1), h2, 2, w2, 2, channels])
   return tf.reduce_max(x, axis=[3, 5])
 
 

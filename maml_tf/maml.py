@@ -146,7 +146,7 @@ def inner_loop(forward: Callable, params: Sequence[tf.Tensor],
 
 def num_tasks(x: tf.Tensor):
   """T as a Python int when static (XLA-friendly), else a scalar tensor."""
-  return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+  return L.dim(x, 0)
 
 
 class MAML(tf.Module):

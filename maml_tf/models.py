@@ -206,7 +206,7 @@ class MLP(MetaModel):
 
   def body(self, params, x, step=0, training=True):
     params, h = self.compute_cast(params, x)
-    h = tf.reshape(h, [tf.shape(h)[0], tf.shape(h)[1], self.example_shape[0]])
+    h = tf.reshape(h, [L.dim(h, 0), L.dim(h, 1), self.example_shape[0]])
     for dense, norm in zip(self.dense_layers, self.norm_layers):
       h = dense.forward(self.layer_params(dense, params), h, step, training)
       if norm is not None:
@@ -279,7 +279,7 @@ class Conv4(MetaModel):
     (for representation analysis).
     """
     params, h = self.compute_cast(params, x)
-    h = tf.reshape(h, tf.concat([tf.shape(h)[:2], self.example_shape], 0))
+    h = tf.reshape(h, [L.dim(h, 0), L.dim(h, 1), *self.example_shape])
     blocks = []
     for conv, norm in zip(self.conv_layers, self.norm_layers):
       h = conv.forward(self.layer_params(conv, params), h, step, training)
@@ -292,7 +292,7 @@ class Conv4(MetaModel):
     if self.pooling == "mean":
       h = tf.reduce_mean(h, axis=[2, 3])
     else:
-      h = tf.reshape(h, [tf.shape(h)[0], tf.shape(h)[1], -1])
+      h = tf.reshape(h, [L.dim(h, 0), L.dim(h, 1), -1])
     return (h, blocks) if return_blocks else h
 
 

@@ -219,7 +219,7 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
   return out, total // 2, total - total // 2
 
 
-def dim(x: tf.Tensor, axis: int):
+def dim(x: tf.Tensor, axis: int) -> int | tf.Tensor:
   """``x``'s size along ``axis``: a Python int where it is static (as under
   XLA), else a scalar tensor. A static size keeps a Shape op, a strided
   slice and its three constants out of the graph, which the unrolled tasks

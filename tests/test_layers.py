@@ -177,7 +177,7 @@ def test_task_conv_graph_grows_with_tasks_only_by_their_convolutions():
   6.2 s, of which strided slices of single tasks and their constants were
   7k). The per-task convolution and its derivatives must split the tasks with
   one op per operand: with 3 tasks the graph of a second derivative may only
-  have more convolutions (and inputs) than with 1, and no strided slice."""
+  have more convolutions than with 1, and no strided slice."""
   rng = np.random.default_rng(11)
 
   def op_counts(tasks):

@@ -47,8 +47,10 @@ flags.DEFINE_boolean("jit_compile", True,
 flags.DEFINE_string("xla_cache_dir", "~/.cache/maml_tf/xla",
                     "Persistent XLA compilation cache: a rerun, a resumed run "
                     "or a test of the same configuration skips most of the "
-                    "first call's compile time. Empty: off. Ignored when "
-                    "TF_XLA_FLAGS is set in the environment.")
+                    "first call's compile time. Programs go in a "
+                    "subdirectory per TensorFlow version, CPU, GPUs and "
+                    "XLA_FLAGS. Empty: off. Ignored when TF_XLA_FLAGS sets "
+                    "--tf_xla_persistent_cache_directory.")
 flags.DEFINE_boolean("allow_tf32", False,
                      "Let float32 matmuls and convolutions run as TensorFloat-32 "
                      "on NVIDIA Ampere or newer GPUs (TensorFlow's own default): "
@@ -952,15 +954,23 @@ def _leo_main() -> None:
 
 
 def _configure_xla_cache() -> None:
-  """Points TensorFlow's XLA compilation cache at ``--xla_cache_dir``.
+  """Points TensorFlow's XLA compilation cache at this machine's
+  subdirectory of ``--xla_cache_dir`` (``maml_tf.xla_cache``).
 
-  It must run before TensorFlow is imported (TF reads TF_XLA_FLAGS once);
-  nothing above imports it at module level.
+  It runs after ``--xla_cpu_emitters`` has set ``XLA_FLAGS``, which are part
+  of the key, and before anything is compiled (TF reads TF_XLA_FLAGS once).
   """
-  if FLAGS.xla_cache_dir and "TF_XLA_FLAGS" not in os.environ:
-    path = os.path.expanduser(FLAGS.xla_cache_dir)
-    os.makedirs(path, exist_ok=True)
-    os.environ["TF_XLA_FLAGS"] = f"--tf_xla_persistent_cache_directory={path}"
+  if not FLAGS.xla_cache_dir:
+    return
+  from maml_tf import xla_cache
+  try:
+    path = xla_cache.configure(FLAGS.xla_cache_dir)
+  except OSError as e:
+    raise app.UsageError(
+        f"--xla_cache_dir={FLAGS.xla_cache_dir}: cannot use it as the XLA "
+        f"cache ({e}); expected a writable directory, or '' for no cache")
+  logging.info("XLA cache: %s (--xla_cache_dir)",
+               path or f"as TF_XLA_FLAGS sets it ({os.environ['TF_XLA_FLAGS']})")
 
 
 def _configure_xla_emitters() -> None:
@@ -1012,8 +1022,8 @@ def main(argv) -> None:
   if FLAGS.model == "fomaml":  # the original's spelling is --stop_grad
     FLAGS.model, FLAGS.stop_grad = "maml", True
   _check_family_flags()
-  _configure_xla_cache()
   _configure_xla_emitters()
+  _configure_xla_cache()
   _configure_threads()
   _configure_tf32()
   if FLAGS.model == "leo":

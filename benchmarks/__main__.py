@@ -6,7 +6,10 @@ it) and reports:
 
 * meta-steps/s: the median of timed blocks (about 2 s each) after the first
   call and two warm-up calls, and ms per step;
-* compile: the first call (tracing + XLA compilation);
+* compile: the first call (tracing + XLA compilation), and the first call
+  of a second process that finds the program in the on-disk XLA cache the
+  first one filled (``runner.py --xla_cache_dir``; a fresh cache per
+  configuration, so the first figure is always a cold compile);
 * peak RSS of that process, taken before the FLOP count (which compiles
   the step a second time);
 * input ms/step: the task sampler's time to produce one meta-batch
@@ -36,6 +39,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import maml_tf  # noqa: E402,F401  (before TensorFlow: sets its environment)
+from maml_tf import xla_cache  # noqa: E402
 
 
 def _run_one(spec: dict) -> dict:
@@ -98,6 +102,8 @@ def _run_one(spec: dict) -> dict:
   out = fn(block, step)
   first_value = training.finite_mean(out["loss"].numpy())
   compile_s = time.perf_counter() - start
+  if spec.get("first_call_only"):
+    return {"compile_s": compile_s, "first_loss": first_value}
   for _ in range(2):
     out = fn(block, step)
   out["loss"].numpy()
@@ -132,8 +138,10 @@ def _run_evaluation(spec, workload, learner, source, batches,
   fn = tf.function(learner.evaluate, jit_compile=spec["xla"], autograph=False)
   batch = TaskBatch(*(tf.constant(t) for t in batches[0]))
   start = time.perf_counter()
-  fn(batch)["query_accuracy"].numpy()
+  first_value = float(np.mean(fn(batch)["query_loss"].numpy()))
   compile_s = time.perf_counter() - start
+  if spec.get("first_call_only"):
+    return {"compile_s": compile_s, "first_loss": first_value}
   fn(batch)["query_accuracy"].numpy()
   rates = measure.timed_blocks(lambda: fn(batch),
                                lambda o: o["query_accuracy"].numpy(),
@@ -153,7 +161,8 @@ def _run_evaluation(spec, workload, learner, source, batches,
       # one "step" = one task here
       "steps_per_s": tasks_per_s, "ms_per_step": 1e3 / tasks_per_s,
       "block_rates": [r * workload.meta_batch_size for r in rates],
-      "compile_s": compile_s, "peak_rss_mb": peak_rss_mb,
+      "compile_s": compile_s, "first_loss": first_value,
+      "peak_rss_mb": peak_rss_mb,
       "input_ms_per_step": input_ms / workload.meta_batch_size,
       "gflop_per_step": (None if flops is None else
                          flops / 1e9 / workload.meta_batch_size),
@@ -165,7 +174,8 @@ def _run_evaluation(spec, workload, learner, source, batches,
 def _format_table(rows: list[dict], peak: float) -> str:
   header = (f"{'workload':<13} {'algorithm':<9} {'prec':<9} {'xla':<4} "
             f"{'steps/s*':>9} "
-            f"{'ms/step':>9} {'compile s':>9} {'RSS MB':>7} {'input ms':>8} "
+            f"{'ms/step':>9} {'compile s':>9} {'cached s':>8} {'RSS MB':>7} "
+            f"{'input ms':>8} "
             f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>6}")
   lines = [header, "-" * len(header)]
   notes = "* leo_test: tasks/s, ms per task, GFLOP per task"
@@ -181,12 +191,21 @@ def _format_table(rows: list[dict], peak: float) -> str:
         f"{r['workload']:<13} {r['algorithm']:<9} {r['precision']:<9} "
         f"{'on' if r['xla'] else 'off':<4} {r['steps_per_s']:>9.2f} "
         f"{r['ms_per_step']:>9.3f} {r['compile_s']:>9.1f} "
+        f"{r.get('compile_cached_s', float('nan')):>8.1f} "
         f"{r['peak_rss_mb']:>7.0f} {r['input_ms_per_step']:>8.2f} "
         f"{gflop if gflop else float('nan'):>10.4f} "
         f"{rate if rate else float('nan'):>8.1f} "
         f"{100 * rate / peak if rate else float('nan'):>6.1f}")
   if any(r.get("unit") == "tasks" for r in rows):
     lines.append(notes)
+  for r in rows:
+    if "cached_error" in r:
+      lines.append(f"  {r['workload']} {r['algorithm']}: the cached first call "
+                   f"failed: {r['cached_error'][:80]}")
+    elif r.get("cached_first_loss", r.get("first_loss")) != r.get("first_loss"):
+      lines.append(f"  {r['workload']} {r['algorithm']}: the cached program's "
+                   f"first loss {r['cached_first_loss']} differs from "
+                   f"{r['first_loss']}")
   for r in rows:
     if "end_to_end_tasks_per_s" in r:
       lines.append(f"  {r['workload']} (XLA {'on' if r['xla'] else 'off'}) "
@@ -221,6 +240,11 @@ def main() -> None:
   parser.add_argument("--allow_tf32", action="store_true",
                       help="let GPU matmuls and convolutions use TensorFloat-32, "
                       "as runner.py --allow_tf32 (off: exact float32)")
+  parser.add_argument("--cached_first_call",
+                      action=argparse.BooleanOptionalAction, default=True,
+                      help="also time the first call of a second process that "
+                      "loads the program from the XLA cache the first one "
+                      "wrote (XLA rows only)")
   parser.add_argument("--out", default=None, help="JSON output path")
   parser.add_argument("--report", nargs="+", metavar="JSON", default=None,
                       help="print the results table of these JSON files in "
@@ -288,21 +312,26 @@ def main() -> None:
             "intra_op_threads": args.intra_op_threads,
             "omniglot_cache": args.omniglot_cache,
             "allow_tf32": args.allow_tf32}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--one", json.dumps(spec)],
-        capture_output=True, text=True)
-    result = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not result:
-      row = dict(spec, error=(proc.stderr.strip().splitlines() or
-                              ["failed"])[-1])
-    else:
-      row = json.loads(result[0][len("RESULT "):])
+    with tempfile.TemporaryDirectory(prefix="xla-cache-") as cache:
+      # A fresh on-disk XLA cache for each configuration (any cache of the
+      # user's is replaced): the first process compiles, the second loads.
+      env = dict(os.environ, TF_XLA_FLAGS=xla_cache.with_cache_directory(
+          os.environ.get("TF_XLA_FLAGS", ""), cache))
+      row = _run_child(spec, env)
+      if spec["xla"] and args.cached_first_call and "error" not in row:
+        cached = _run_child(dict(spec, first_call_only=True), env)
+        if "error" in cached:
+          row["cached_error"] = cached["error"]
+        else:
+          row["compile_cached_s"] = cached["compile_s"]
+          row["cached_first_loss"] = cached["first_loss"]
+    if "error" not in row:
       key = (workload, algorithm, precision)
       if row["gflop_per_step"] is None:
         row["gflop_per_step"] = flops.get(key)
       flops[key] = row["gflop_per_step"]
     rows.append(row)
-    print(_format_table([row], peak).splitlines()[-1], flush=True)
+    print("\n".join(_format_table([row], peak).splitlines()[2:]), flush=True)
   table = _format_table(rows, peak)
   print("\n" + table)
   out = args.out or os.path.join(
@@ -323,6 +352,19 @@ def main() -> None:
               "allow_tf32": args.allow_tf32},
       "peak_matmul_gflops": peak, "rows": rows}, indent=1))
   print(f"\nwritten to {out}")
+
+
+def _run_child(spec: dict, env: dict) -> dict:
+  """``_run_one(spec)`` in a fresh process with environment ``env``: its
+  result, or ``spec`` with the error that ended it."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks", "--one", json.dumps(spec)],
+      capture_output=True, text=True, env=env)
+  result = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not result:
+    return dict(spec, error=(proc.stderr.strip().splitlines() or
+                             ["failed"])[-1])
+  return json.loads(result[0][len("RESULT "):])
 
 
 def _cpu_name() -> str:

@@ -10,6 +10,8 @@ Public API:
   models: ``models.build(name, **kwargs)`` for the paper's networks.
   use_xla_cpu_fusion_emitters: choose XLA:CPU's kernel emitters, before the
     first compilation.
+  xla_cache: TensorFlow's on-disk XLA cache, one directory per machine
+    (``xla_cache.configure``, before the first compilation).
 
 Attributes are imported lazily, so tools that only need the data utilities
 (e.g. ``data_prep``) do not pay for importing TensorFlow.

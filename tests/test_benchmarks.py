@@ -58,6 +58,11 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
   assert row["workload"] == "sinusoid" and row["algorithm"] == "maml"
   assert row["steps_per_s"] > 0 and len(row["block_rates"]) == 2
   assert row["steps_per_call"] == 100 and row["compile_s"] > 0
+  # A second process loaded the program from the XLA cache the first wrote:
+  # the same computation (a recompile would also give it, but the cache is
+  # a fresh directory, so this checks that the flag reached the children).
+  assert row["compile_cached_s"] > 0
+  assert row["cached_first_loss"] == row["first_loss"]
   assert row["intra_op_threads"] == 1  # as runner.py runs the sinusoid
   assert row["xla_flags"] == "--xla_cpu_use_fusion_emitters=true"  # as well
   assert 0 < row["gflop_per_step"] < 1 and result["peak_matmul_gflops"] > 0
@@ -77,11 +82,14 @@ def test_report_renders_the_readme_table():
   result = dict(date="2026-11-22T00:00:00", peak_matmul_gflops=100.0,
                 machine=dict(processor="cpu", cpus=2, python="3.11"),
                 rows=[row, off])
+  row["compile_cached_s"] = 4.56
   lines = report.markdown_table([result]).splitlines()
   # 2 steps/s x 10 GFLOP = 20 GFLOP/s = 20% of a 100 GFLOP/s peak; the
-  # XLA-off row takes the FLOP count of the XLA row (the same maths).
+  # XLA-off row takes the FLOP count of the XLA row (the same maths), and has
+  # no cached first call.
   assert lines[2] == ("| omniglot | maml | on | float32 | 2.00 | 500.00 | 12.3 "
-                      "| 1.50 | 8.00 | 10 | 20.0 | 20.0 |")
+                      "| 4.6 | 1.50 | 8.00 | 10 | 20.0 | 20.0 |")
+  assert "| 0.50 | 500.00 | 12.3 | n/a | 1.50 |" in lines[3]
   assert lines[3].endswith("| 10 | 5.0 | 5.0 |")
   sine = dict(row, workload="sinusoid", steps_per_call=100, intra_op_threads=1)
   assert report.markdown_table([dict(result, rows=[sine])]).splitlines()[2] \

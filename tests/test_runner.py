@@ -52,15 +52,28 @@ def test_train_test_resume_and_test_mode(tmp_path):
   # Resume: a longer run continues from step 200, and compiles nothing: the
   # XLA cache matches programs by name, and restoring a checkpoint used to
   # shift every name (the cache then gained the programs again).
-  programs = sorted(os.listdir(tmp_path / "xla"))
-  # The meta-step, the evaluation (summaries and validation), the test.
-  assert len(programs) == 3
+  def cached():
+    return sorted(p.relative_to(tmp_path / "xla")
+                  for p in (tmp_path / "xla").glob("*/*"))
+
+  programs = cached()
+  # The meta-step, the evaluation (summaries and validation), the test, in
+  # one directory for this machine and these XLA settings.
+  assert len(programs) == 3 and len({p.parent for p in programs}) == 1
+  assert f"XLA cache: {tmp_path / 'xla' / programs[0].parent}" in proc.stderr
   proc = run(SINE + [f"--logdir={logdir}", "--metatrain_iterations=300",
                      "--num_test_tasks=40", "--test_after_train=False",
                      cache])
   assert "step 200" in proc.stderr and "Meta-training from step 200" in proc.stderr
   assert (run_dir / "checkpoints" / "model-300.index").exists()
-  assert sorted(os.listdir(tmp_path / "xla")) == programs
+  assert cached() == programs
+
+  # Other XLA_FLAGS (the other emitters), another directory: TensorFlow's
+  # cache would load the program compiled with the emitters of the run above.
+  run(SINE + [f"--logdir={logdir}", "--train=False", "--num_test_tasks=40",
+              "--xla_cpu_emitters=classic", cache])
+  (test_program,) = set(cached()) - set(programs)
+  assert test_program.parent != programs[0].parent
 
   # The later invocations test test-mode logic, not XLA: they skip its
   # compile time.

@@ -1,0 +1,144 @@
+"""TensorFlow's on-disk XLA compilation cache, one directory per machine.
+
+TensorFlow 2.21 saves every compiled XLA program to
+``--tf_xla_persistent_cache_directory`` (in ``TF_XLA_FLAGS``) and loads it
+back in a later process. It matches programs by function signature and HLO
+only. Two things it does not check:
+
+* the machine: XLA:CPU loads a program compiled for another CPU after only
+  logging an error ("Machine type used for XLA:CPU compilation doesn't match
+  the machine type for execution ... could lead to ... SIGILL"), so a cache
+  in a home directory shared by different cluster nodes could crash them;
+* ``XLA_FLAGS``: a program compiled with one choice of kernel emitters
+  (``runner.py --xla_cpu_emitters``) was loaded for the other.
+
+So the cache goes in a subdirectory of the user's cache directory named by
+the TensorFlow version and a digest of the CPU, the GPUs and ``XLA_FLAGS``.
+Nothing here imports TensorFlow: the flag must be set before TensorFlow
+first compiles, and is read once per process.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import platform
+import re
+
+CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+_FLAG_PATTERN = re.compile(re.escape(CACHE_FLAG) + r"=\S*")
+# /proc/cpuinfo fields that decide which instructions a program may use
+# (not "cpu MHz" or "bogomips", which change from boot to boot).
+_CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "flags",
+               "Features", "CPU implementer", "CPU part")
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict[str, str]:
+  """The CPU fields that a compiled program depends on.
+
+  Args:
+    cpuinfo: the text of ``/proc/cpuinfo``; None reads it (on other systems
+      than Linux, ``platform`` names the CPU instead).
+
+  Returns:
+    Field name to value, from the first processor's block.
+  """
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return {"machine": platform.machine(), "processor": platform.processor()}
+  fields = {}
+  for line in cpuinfo.split("\n\n")[0].splitlines():
+    name, _, value = line.partition(":")
+    name = name.strip()
+    if name in _CPU_FIELDS:
+      # The flags' order is the kernel's; sorting keeps the key stable.
+      fields[name] = (" ".join(sorted(value.split())) if name in (
+          "flags", "Features") else value.strip())
+  return fields
+
+
+def gpu_models(root: str = "/proc/driver/nvidia/gpus") -> list[str]:
+  """The NVIDIA GPU models this machine's driver reports, without importing
+  TensorFlow (which would fix its GPU settings before ``runner.py`` makes
+  them); empty without the driver."""
+  models = []
+  for path in sorted(glob.glob(os.path.join(root, "*", "information"))):
+    try:
+      with open(path) as f:
+        for line in f:
+          if line.startswith("Model:"):
+            models.append(line.partition(":")[2].strip())
+    except OSError:
+      pass
+  return models
+
+
+def machine_key(tensorflow_version: str | None, xla_flags: str,
+                cpu: dict[str, str], gpus: list[str],
+                visible_gpus: str | None) -> str:
+  """The cache subdirectory's name for a machine and its XLA settings.
+
+  Args:
+    tensorflow_version: e.g. "2.21.0" (None: not installed as a wheel).
+    xla_flags: the process's ``XLA_FLAGS``.
+    cpu: ``cpu_description()``.
+    gpus: ``gpu_models()``.
+    visible_gpus: ``CUDA_VISIBLE_DEVICES``; it decides which model a program
+      is compiled for only when the machine mixes models, so it is part of
+      the key only then.
+
+  Returns:
+    ``tf<version>-<16 hex digits>``.
+  """
+  description = {"xla_flags": " ".join(xla_flags.split()), "cpu": cpu,
+                 "gpus": gpus}
+  if len(set(gpus)) > 1:
+    description["visible_gpus"] = visible_gpus
+  digest = hashlib.sha256(
+      json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+  return f"tf{tensorflow_version or 'unknown'}-{digest}"
+
+
+def with_cache_directory(tf_xla_flags: str, directory: str) -> str:
+  """``TF_XLA_FLAGS`` with its cache directory set to ``directory`` (any
+  other flags kept)."""
+  others = _FLAG_PATTERN.sub("", tf_xla_flags).split()
+  return " ".join(others + [f"{CACHE_FLAG}={directory}"])
+
+
+def configure(root: str) -> str | None:
+  """Points TensorFlow's XLA cache at this machine's subdirectory of
+  ``root``, through ``TF_XLA_FLAGS``.
+
+  Call it before TensorFlow compiles anything, and after ``XLA_FLAGS`` is
+  final (``maml_tf.use_xla_cpu_fusion_emitters``), since the key includes
+  them.
+
+  Args:
+    root: the user's cache directory (``~`` is expanded).
+
+  Returns:
+    The directory used, or None when ``TF_XLA_FLAGS`` already names a cache
+    directory (the user's choice is kept as it is).
+
+  Raises:
+    OSError: the directory cannot be created.
+  """
+  tf_xla_flags = os.environ.get("TF_XLA_FLAGS", "")
+  if _FLAG_PATTERN.search(tf_xla_flags):
+    return None
+  from maml_tf import _tensorflow_version
+  key = machine_key(_tensorflow_version(), os.environ.get("XLA_FLAGS", ""),
+                    cpu_description(), gpu_models(),
+                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+  directory = os.path.join(os.path.expanduser(root), key)
+  os.makedirs(directory, exist_ok=True)
+  if not os.access(directory, os.W_OK):
+    raise PermissionError(f"{directory} is not writable")
+  os.environ["TF_XLA_FLAGS"] = with_cache_directory(tf_xla_flags, directory)
+  return directory

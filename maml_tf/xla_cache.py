@@ -14,18 +14,32 @@ only. Two things it does not check:
 
 So the cache goes in a subdirectory of the user's cache directory named by
 the TensorFlow version and a digest of the CPU, the GPUs and ``XLA_FLAGS``.
+
+TensorFlow also writes each entry in place, not through a rename: a process
+killed while writing, or a reader racing a writer (two runs of one
+configuration), leaves or reads a truncated entry, and every later first
+call of that program then fails ("Read less bytes than requested"). So each
+process points TensorFlow at a private staging directory holding links to
+the shared entries, and moves its complete new entries into the shared
+directory with a rename when it exits; a later process does the same for the
+staging directories of processes that died.
+
 Nothing here imports TensorFlow: the flag must be set before TensorFlow
 first compiles, and is read once per process.
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import json
 import os
 import platform
 import re
+import shutil
+import socket
+import tempfile
 
 CACHE_FLAG = "--tf_xla_persistent_cache_directory"
 _FLAG_PATTERN = re.compile(re.escape(CACHE_FLAG) + r"=\S*")
@@ -111,23 +125,123 @@ def with_cache_directory(tf_xla_flags: str, directory: str) -> str:
   return " ".join(others + [f"{CACHE_FLAG}={directory}"])
 
 
+def is_complete(path: str) -> bool:
+  """Whether ``path`` holds a whole serialized cache entry.
+
+  An entry (``tensorflow.XlaSerializedCacheEntry``) is a protobuf message
+  whose fields are its key (1), HLO (2) and executable (3), serialized in
+  that order. Any prefix of one either ends inside a field or lacks the
+  executable, so walking the fields is enough to tell it from the whole.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError:
+    return False
+  position, fields = 0, set()
+  while position < len(data):
+    tag, position = _varint(data, position)
+    if tag is None or tag & 7 != 2:  # every field is length-delimited
+      return False
+    length, position = _varint(data, position)
+    if length is None or position + length > len(data):
+      return False
+    fields.add(tag >> 3)
+    position += length
+  return {1, 2, 3} <= fields
+
+
+def _varint(data: bytes, position: int) -> tuple[int | None, int]:
+  value = shift = 0
+  while position < len(data) and shift < 64:
+    byte = data[position]
+    position += 1
+    value |= (byte & 0x7F) << shift
+    if not byte & 0x80:
+      return value, position
+    shift += 7
+  return None, position
+
+
+_STAGING_PREFIX = ".staging-"
+
+
+def publish(staging: str, shared: str) -> list[str]:
+  """Moves the complete new entries of ``staging`` into ``shared``.
+
+  Each move is a rename within one file system, so readers of ``shared``
+  see an entry whole or not at all. Incomplete entries stay behind.
+
+  Returns:
+    The names of the entries moved.
+  """
+  moved = []
+  for name in sorted(os.listdir(staging)):
+    path = os.path.join(staging, name)
+    if (name.endswith(".pb") and not os.path.islink(path)
+        and is_complete(path)):
+      os.replace(path, os.path.join(shared, name))
+      moved.append(name)
+  return moved
+
+
+def _staging_owner_is_dead(name: str) -> bool:
+  """Whether the process that made staging directory ``name`` (on this
+  host) has ended; directories of other hosts are never taken over."""
+  host, _, rest = name[len(_STAGING_PREFIX):].rpartition("-pid")
+  pid = rest.split("-")[0]
+  if host != socket.gethostname() or not pid.isdigit():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except OSError:  # alive, but another user's
+    return False
+  return False
+
+
+def _recover(shared: str) -> None:
+  """Publishes the complete entries of this host's dead processes' staging
+  directories, and removes those directories."""
+  for name in os.listdir(shared):
+    path = os.path.join(shared, name)
+    if (name.startswith(_STAGING_PREFIX) and os.path.isdir(path)
+        and _staging_owner_is_dead(name)):
+      publish(path, shared)
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _finish(staging: str, shared: str) -> None:
+  """At exit: publish the new entries, then remove the staging directory."""
+  try:
+    publish(staging, shared)
+  except OSError:  # e.g. the directory is gone: nothing more to share
+    pass
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def configure(root: str) -> str | None:
   """Points TensorFlow's XLA cache at this machine's subdirectory of
-  ``root``, through ``TF_XLA_FLAGS``.
+  ``root``, through ``TF_XLA_FLAGS`` and a staging directory (see the module
+  docstring).
 
   Call it before TensorFlow compiles anything, and after ``XLA_FLAGS`` is
   final (``maml_tf.use_xla_cpu_fusion_emitters``), since the key includes
-  them.
+  them. New programs reach the shared directory when the process exits
+  (or, if it is killed, when a later process on this host configures the
+  same directory).
 
   Args:
     root: the user's cache directory (``~`` is expanded).
 
   Returns:
-    The directory used, or None when ``TF_XLA_FLAGS`` already names a cache
-    directory (the user's choice is kept as it is).
+    The shared directory, or None when ``TF_XLA_FLAGS`` already names a
+    cache directory (the user's choice is kept as it is).
 
   Raises:
-    OSError: the directory cannot be created.
+    OSError: the directory cannot be created or written.
   """
   tf_xla_flags = os.environ.get("TF_XLA_FLAGS", "")
   if _FLAG_PATTERN.search(tf_xla_flags):
@@ -136,9 +250,17 @@ def configure(root: str) -> str | None:
   key = machine_key(_tensorflow_version(), os.environ.get("XLA_FLAGS", ""),
                     cpu_description(), gpu_models(),
                     os.environ.get("CUDA_VISIBLE_DEVICES"))
-  directory = os.path.join(os.path.expanduser(root), key)
-  os.makedirs(directory, exist_ok=True)
-  if not os.access(directory, os.W_OK):
-    raise PermissionError(f"{directory} is not writable")
-  os.environ["TF_XLA_FLAGS"] = with_cache_directory(tf_xla_flags, directory)
-  return directory
+  shared = os.path.join(os.path.expanduser(root), key)
+  os.makedirs(shared, exist_ok=True)
+  if not os.access(shared, os.W_OK):
+    raise PermissionError(f"{shared} is not writable")
+  _recover(shared)
+  staging = tempfile.mkdtemp(
+      prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-pid{os.getpid()}-",
+      dir=shared)
+  for name in os.listdir(shared):
+    if name.endswith(".pb"):
+      os.symlink(os.path.join(shared, name), os.path.join(staging, name))
+  atexit.register(_finish, staging, shared)
+  os.environ["TF_XLA_FLAGS"] = with_cache_directory(tf_xla_flags, staging)
+  return shared

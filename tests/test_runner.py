@@ -6,6 +6,7 @@ import os
 import pytest
 import tensorflow as tf
 
+from maml_tf import xla_cache
 from tests.conftest import REPO, run_python
 
 SINE = ["--model=maml", "--datasource=sinusoid", "--norm=None",
@@ -60,6 +61,11 @@ def test_train_test_resume_and_test_mode(tmp_path):
   # The meta-step, the evaluation (summaries and validation), the test, in
   # one directory for this machine and these XLA settings.
   assert len(programs) == 3 and len({p.parent for p in programs}) == 1
+  # Moved there whole at exit, from the run's staging directory (which is
+  # gone); the format check agrees with what TensorFlow wrote.
+  assert all(xla_cache.is_complete(str(tmp_path / "xla" / p))
+             for p in programs)
+  assert not list((tmp_path / "xla").glob("*/.staging-*"))
   assert f"XLA cache: {tmp_path / 'xla' / programs[0].parent}" in proc.stderr
   proc = run(SINE + [f"--logdir={logdir}", "--metatrain_iterations=300",
                      "--num_test_tasks=40", "--test_after_train=False",

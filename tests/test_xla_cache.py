@@ -1,6 +1,10 @@
 """The on-disk XLA cache's directory per machine (``maml_tf.xla_cache``)."""
 
 import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -70,23 +74,109 @@ def test_gpu_models_come_from_the_driver_without_tensorflow(tmp_path):
   assert xla_cache.gpu_models(str(tmp_path / "absent")) == []
 
 
-def test_configure_sets_this_machines_directory(tmp_path, monkeypatch):
+@pytest.fixture
+def at_exit(monkeypatch):
+  """The functions ``configure`` registers to run at exit."""
+  calls = []
+  monkeypatch.setattr(xla_cache.atexit, "register",
+                      lambda f, *args: calls.append(lambda: f(*args)))
+  return calls
+
+
+def entry(size: int = 300) -> bytes:
+  """A serialized cache entry's layout: key (1), HLO (2), executable (3),
+  each length-delimited."""
+  def field(number, payload):
+    return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
+  return (field(1, b"k" * 20) + field(2, b"h" * size) +
+          field(3, b"x" * 2 * size))
+
+
+def _varint(n: int) -> bytes:
+  out = b""
+  while True:
+    out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+    n >>= 7
+    if not n:
+      return out
+
+
+def test_only_a_whole_entry_is_complete(tmp_path):
+  data = entry()
+  path = tmp_path / "e.pb"
+  path.write_bytes(data)
+  assert xla_cache.is_complete(str(path))
+  # Every prefix, as a killed writer leaves it, including the one that ends
+  # after the HLO (no executable).
+  for size in [0, 1, 2, 21, 22, 23, 200, len(data) - 601, len(data) - 1]:
+    path.write_bytes(data[:size])
+    assert not xla_cache.is_complete(str(path)), size
+  path.write_bytes(data + b"\x00")
+  assert not xla_cache.is_complete(str(path))
+  assert not xla_cache.is_complete(str(tmp_path / "absent.pb"))
+
+
+def test_configure_stages_and_publishes_whole_entries(tmp_path, monkeypatch,
+                                                      at_exit):
   monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_cpu_global_jit")
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
-  path = xla_cache.configure(str(tmp_path / "cache"))
-  assert os.path.isdir(path)
-  assert os.path.dirname(path) == str(tmp_path / "cache")
-  assert os.environ["TF_XLA_FLAGS"] == (
-      f"--tf_xla_cpu_global_jit {xla_cache.CACHE_FLAG}={path}")
-  # Other XLA_FLAGS, another directory.
+  root = tmp_path / "cache"
+  shared = xla_cache.configure(str(root))
+  assert os.path.dirname(shared) == str(root) and os.path.isdir(shared)
+  old = pathlib.Path(shared) / "old.pb"
+  old.write_bytes(entry())
+  # A second process finds the shared entries through links in its own
+  # staging directory, where TensorFlow writes.
+  monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_cpu_global_jit")
+  assert xla_cache.configure(str(root)) == shared
+  flags = os.environ["TF_XLA_FLAGS"].split()
+  assert flags[0] == "--tf_xla_cpu_global_jit"
+  staging = flags[1].partition("=")[2]
+  assert os.path.dirname(staging) == shared
+  assert os.path.realpath(os.path.join(staging, "old.pb")) == str(old)
+  (pathlib.Path(staging) / "new.pb").write_bytes(entry(500))
+  (pathlib.Path(staging) / "cut.pb").write_bytes(entry(500)[:-1])
+  for finish in at_exit:
+    finish()
+  # At exit the whole new entry is renamed into the shared directory; the
+  # truncated one is dropped with the staging directories.
+  assert sorted(os.listdir(shared)) == ["new.pb", "old.pb"]
+  assert xla_cache.is_complete(os.path.join(shared, "new.pb"))
+  # Other XLA_FLAGS, another shared directory.
   monkeypatch.setenv("TF_XLA_FLAGS", "")
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
-  other = xla_cache.configure(str(tmp_path / "cache"))
-  assert os.path.dirname(other) == os.path.dirname(path) and other != path
+  other = xla_cache.configure(str(root))
+  assert os.path.dirname(other) == str(root) and other != shared
+
+
+def test_a_dead_processs_whole_entries_are_recovered(tmp_path, monkeypatch,
+                                                     at_exit):
+  monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
+  shared = xla_cache.configure(str(tmp_path))
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout
+  host = socket.gethostname()
+  killed = os.path.join(shared, f".staging-{host}-pid{dead.strip()}-abc")
+  elsewhere = os.path.join(shared, f".staging-{host}x-pid{dead.strip()}-abc")
+  alive = os.path.join(shared, f".staging-{host}-pid{os.getpid()}-abc")
+  for path in (killed, elsewhere, alive):
+    os.mkdir(path)
+    with open(os.path.join(path, "whole.pb"), "wb") as f:
+      f.write(entry())
+  with open(os.path.join(killed, "cut.pb"), "wb") as f:
+    f.write(entry()[:100])  # killed while TensorFlow wrote it
+  monkeypatch.delenv("TF_XLA_FLAGS")
+  xla_cache.configure(str(tmp_path))
+  assert not os.path.exists(killed)
+  assert os.listdir(elsewhere) == ["whole.pb"]  # another host's: untouched
+  assert os.listdir(alive) == ["whole.pb"]  # a live process's: untouched
+  assert sorted(n for n in os.listdir(shared) if n.endswith(".pb")) == [
+      "whole.pb"]
 
 
 def test_configure_keeps_a_cache_directory_the_user_chose(tmp_path,
-                                                          monkeypatch):
+                                                          monkeypatch,
+                                                          at_exit):
   flags = f"{xla_cache.CACHE_FLAG}=/their/cache --tf_xla_cpu_global_jit"
   monkeypatch.setenv("TF_XLA_FLAGS", flags)
   assert xla_cache.configure(str(tmp_path / "cache")) is None
@@ -97,7 +187,8 @@ def test_configure_keeps_a_cache_directory_the_user_chose(tmp_path,
       f"--tf_xla_cpu_global_jit {xla_cache.CACHE_FLAG}=/fresh")
 
 
-def test_configure_fails_on_a_root_that_is_a_file(tmp_path, monkeypatch):
+def test_configure_fails_on_a_root_that_is_a_file(tmp_path, monkeypatch,
+                                                  at_exit):
   monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
   (tmp_path / "file").write_text("")
   with pytest.raises(OSError):

@@ -168,6 +168,8 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--loss_scale=128", "applies to --precision=float16 only"),
     ("--save_interval=250", "--save_interval=250 must be a multiple of "
      "--steps_per_call=100"),
+    ("--xla_cache_dir=/dev/null/xla", "--xla_cache_dir=/dev/null/xla: cannot "
+     "use it as the XLA cache"),
 ])
 def test_bad_flags_are_named(tmp_path, flag, message):
   proc = run(SINE + [f"--logdir={tmp_path}", flag], check=False)

@@ -21,8 +21,9 @@ configuration), leaves or reads a truncated entry, and every later first
 call of that program then fails ("Read less bytes than requested"). So each
 process points TensorFlow at a private staging directory holding links to
 the shared entries, and moves its complete new entries into the shared
-directory with a rename when it exits; a later process does the same for the
-staging directories of processes that died.
+directory with a rename when it exits; a later process does the same for
+every staging directory when it starts (and removes those of processes that
+died).
 
 Nothing here imports TensorFlow: the flag must be set before TensorFlow
 first compiles, and is read once per process.
@@ -202,14 +203,22 @@ def _staging_owner_is_dead(name: str) -> bool:
 
 
 def _recover(shared: str) -> None:
-  """Publishes the complete entries of this host's dead processes' staging
-  directories, and removes those directories."""
+  """Publishes the complete entries of every staging directory, and removes
+  the directories of this host's dead processes.
+
+  A complete entry is safe to move even from a live process: TensorFlow
+  writes an entry once, and it already holds the program in memory. So a run
+  started beside a long one finds the programs that one has compiled so far.
+  """
   for name in os.listdir(shared):
     path = os.path.join(shared, name)
-    if (name.startswith(_STAGING_PREFIX) and os.path.isdir(path)
-        and _staging_owner_is_dead(name)):
-      publish(path, shared)
-      shutil.rmtree(path, ignore_errors=True)
+    if name.startswith(_STAGING_PREFIX) and os.path.isdir(path):
+      try:
+        publish(path, shared)
+      except OSError:  # its owner removed it meanwhile
+        continue
+      if _staging_owner_is_dead(name):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _finish(staging: str, shared: str) -> None:
@@ -229,9 +238,8 @@ def configure(root: str) -> str | None:
 
   Call it before TensorFlow compiles anything, and after ``XLA_FLAGS`` is
   final (``maml_tf.use_xla_cpu_fusion_emitters``), since the key includes
-  them. New programs reach the shared directory when the process exits
-  (or, if it is killed, when a later process on this host configures the
-  same directory).
+  them. New programs reach the shared directory when the process exits, or
+  earlier when another process configures the same directory.
 
   Args:
     root: the user's cache directory (``~`` is expanded).

@@ -74,6 +74,14 @@ def test_gpu_models_come_from_the_driver_without_tensorflow(tmp_path):
   assert xla_cache.gpu_models(str(tmp_path / "absent")) == []
 
 
+@pytest.fixture(autouse=True)
+def environment(monkeypatch):
+  """``configure`` sets ``TF_XLA_FLAGS``: recorded first, so every test
+  restores the suite's own."""
+  monkeypatch.setenv("TF_XLA_FLAGS", "")
+  monkeypatch.setenv("XLA_FLAGS", "")
+
+
 @pytest.fixture
 def at_exit(monkeypatch):
   """The functions ``configure`` registers to run at exit."""
@@ -149,9 +157,8 @@ def test_configure_stages_and_publishes_whole_entries(tmp_path, monkeypatch,
   assert os.path.dirname(other) == str(root) and other != shared
 
 
-def test_a_dead_processs_whole_entries_are_recovered(tmp_path, monkeypatch,
+def test_other_processes_whole_entries_are_published(tmp_path, monkeypatch,
                                                      at_exit):
-  monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
   shared = xla_cache.configure(str(tmp_path))
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True).stdout
@@ -161,17 +168,22 @@ def test_a_dead_processs_whole_entries_are_recovered(tmp_path, monkeypatch,
   alive = os.path.join(shared, f".staging-{host}-pid{os.getpid()}-abc")
   for path in (killed, elsewhere, alive):
     os.mkdir(path)
-    with open(os.path.join(path, "whole.pb"), "wb") as f:
+    with open(os.path.join(path, os.path.basename(path) + ".pb"), "wb") as f:
       f.write(entry())
   with open(os.path.join(killed, "cut.pb"), "wb") as f:
     f.write(entry()[:100])  # killed while TensorFlow wrote it
-  monkeypatch.delenv("TF_XLA_FLAGS")
+  with open(os.path.join(alive, "writing.pb"), "wb") as f:
+    f.write(entry()[:-1])  # being written
+  monkeypatch.setenv("TF_XLA_FLAGS", "")
   xla_cache.configure(str(tmp_path))
+  # Every whole entry is shared, from a live process's directory too (a run
+  # started beside a long one gets its programs); a partial one never.
+  assert sorted(n for n in os.listdir(shared) if n.endswith(".pb")) == sorted(
+      os.path.basename(p) + ".pb" for p in (killed, elsewhere, alive))
+  # Only this host's dead process's directory is removed.
   assert not os.path.exists(killed)
-  assert os.listdir(elsewhere) == ["whole.pb"]  # another host's: untouched
-  assert os.listdir(alive) == ["whole.pb"]  # a live process's: untouched
-  assert sorted(n for n in os.listdir(shared) if n.endswith(".pb")) == [
-      "whole.pb"]
+  assert os.listdir(elsewhere) == []
+  assert os.listdir(alive) == ["writing.pb"]
 
 
 def test_configure_keeps_a_cache_directory_the_user_chose(tmp_path,
@@ -189,8 +201,7 @@ def test_configure_keeps_a_cache_directory_the_user_chose(tmp_path,
 
 def test_configure_fails_on_a_root_that_is_a_file(tmp_path, monkeypatch,
                                                   at_exit):
-  monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
   (tmp_path / "file").write_text("")
   with pytest.raises(OSError):
     xla_cache.configure(str(tmp_path / "file"))
-  assert "TF_XLA_FLAGS" not in os.environ
+  assert os.environ["TF_XLA_FLAGS"] == ""

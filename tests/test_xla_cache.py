@@ -1,4 +1,5 @@
-"""The on-disk XLA cache's directory per machine (``maml_tf.xla_cache``)."""
+"""The on-disk XLA cache (``maml_tf.xla_cache``): a directory per machine,
+per-process staging, and only whole entries shared."""
 
 import os
 import pathlib
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from maml_tf import xla_cache
+from tests.conftest import run_python
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -205,3 +207,37 @@ def test_configure_fails_on_a_root_that_is_a_file(tmp_path, monkeypatch,
   with pytest.raises(OSError):
     xla_cache.configure(str(tmp_path / "file"))
   assert os.environ["TF_XLA_FLAGS"] == ""
+
+
+_COMPILE = """
+import sys
+from maml_tf import xla_cache
+xla_cache.configure(sys.argv[1])
+import tensorflow as tf
+f = tf.function(lambda x: tf.reduce_sum(tf.sin(x) * 3.0), jit_compile=True)
+print(float(f(tf.ones([7]))))
+"""
+
+
+def test_a_killed_writers_partial_entry_is_never_read(tmp_path):
+  """With TensorFlow: a truncated entry used to fail every later first call
+  of its program ("Read less bytes than requested")."""
+  def compile_once():
+    proc = run_python(["-c", _COMPILE, str(tmp_path)], TF_XLA_FLAGS="")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+  value = compile_once()
+  (shared,) = tmp_path.iterdir()
+  (path,) = shared.glob("*.pb")
+  whole = path.read_bytes()
+  assert xla_cache.is_complete(str(path))
+  # As a process killed while TensorFlow wrote the entry leaves it.
+  path.unlink()
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout
+  staging = shared / f".staging-{socket.gethostname()}-pid{dead.strip()}-x"
+  staging.mkdir()
+  (staging / path.name).write_bytes(whole[:len(whole) // 2])
+  assert compile_once() == value  # compiled again, not read
+  assert xla_cache.is_complete(str(path)) and not staging.exists()

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 COLUMNS = ("workload", "algorithm", "XLA", "precision", "steps/s", "ms/step",
-           "first call (s)", "cached first call (s)", "peak RSS (GiB)", "input ms/step", "GFLOP/step",
-           "GFLOP/s", "% of peak")
+           "first call (s)", "cached first call (s)", "peak RSS (GiB)",
+           "input ms/step", "GFLOP/step", "GFLOP/s", "% of peak")
 
 
 def _rate(value: float) -> str:

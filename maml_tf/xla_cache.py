@@ -188,7 +188,8 @@ def publish(staging: str, shared: str) -> list[str]:
 
 def _staging_owner_is_dead(name: str) -> bool:
   """Whether the process that made staging directory ``name`` (on this
-  host) has ended; directories of other hosts are never taken over."""
+  host) has ended; False for other hosts' directories, which are never
+  removed (their owners cannot be checked from here)."""
   host, _, rest = name[len(_STAGING_PREFIX):].rpartition("-pid")
   pid = rest.split("-")[0]
   if host != socket.gethostname() or not pid.isdigit():

@@ -565,6 +565,14 @@ def _train_config(run_dir: str):
   steps_per_call = FLAGS.steps_per_call
   if steps_per_call == -1:
     steps_per_call = 100 if _is_sinusoid() else 1
+  if (FLAGS.model == "mamlpp" and FLAGS.mamlpp_iterations_per_epoch %
+      steps_per_call and (FLAGS.mamlpp_msl and FLAGS.mamlpp_msl_epochs
+                          or FLAGS.mamlpp_first_order_epochs)):
+    raise app.UsageError(
+        f"--mamlpp_iterations_per_epoch={FLAGS.mamlpp_iterations_per_epoch} "
+        f"must be a multiple of --steps_per_call={steps_per_call}: MAML++ "
+        "compiles one meta-step per phase (MSL, first order), and its phases "
+        "change at epoch boundaries")
   print_interval = FLAGS.print_interval
   if print_interval == -1:
     print_interval = 1000 if _is_sinusoid() else 100

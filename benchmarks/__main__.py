@@ -97,7 +97,8 @@ def _run_one(spec: dict) -> dict:
                                             for i in range(k)]))
                       for f in range(4)))
   step = tf.constant(0, tf.int64)
-  fn = trainer.train_function()
+  # The compiled step of step 0's phase, as training runs it (MAML++: MSL).
+  fn = trainer.train_function(phase=trainer.phase(0, k))
   start = time.perf_counter()
   out = fn(block, step)
   first_value = training.finite_mean(out["loss"].numpy())

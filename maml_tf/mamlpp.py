@@ -23,8 +23,12 @@ Every change to MAML is a switch of ``MAMLPPConfig``:
   (``TrainConfig(lr_schedule="cosine", min_meta_lr=...)``).
 
 An epoch is ``iterations_per_epoch`` meta-iterations (HTTYM: 500); schedules
-read the ``step`` argument of ``meta_loss``. Inside a compiled meta-step the
-step is a tensor, so the phases are ``tf.cond`` branches (each compiled once).
+read the ``step`` argument of ``meta_loss``. The training loop compiles one
+meta-step per phase (``phase(step)``: MSL on or off, first or second order)
+and passes it to ``meta_loss``. Given only a step tensor, the phases are
+``tf.cond`` branches instead; XLA:CPU ran the steps after MSL 1.3x slower
+that way, and TensorFlow names those branches' gradients differently in each
+process, so the on-disk XLA cache missed them (README).
 
 Running statistics (BNRS). HTTYM normalises with ``training=True`` in every
 phase, so its per-step running statistics never affect results (HTTYM issues
@@ -248,6 +252,13 @@ class MAMLPlusPlus(MAML):
     epoch = self.epoch(step)
     return epoch < self.config.msl_epochs
 
+  def phase(self, step: int) -> tuple[bool, bool]:
+    """The phase at meta-iteration ``step`` (a Python int):
+    ``(first_order, multi_step_loss)``, as ``meta_loss(..., phase=...)``
+    takes it. The training loop compiles one meta-step per phase."""
+    return bool(self.uses_first_order(step)), bool(
+        self.uses_multi_step_loss(step))
+
   def loss_weights(self, step, dtype=tf.float32) -> tf.Tensor:
     """MSL's per-step weights ``[U]`` at ``step``."""
     return per_step_loss_weights(self.num_inner_steps, self.config.msl_epochs,
@@ -344,21 +355,26 @@ class MAMLPlusPlus(MAML):
                   if self.statistics is not None and training else [])
     return loss, metrics, statistics
 
-  def meta_loss(self, batch: TaskBatch, step=None, training: bool = True):
+  def meta_loss(self, batch: TaskBatch, step=None, training: bool = True,
+                phase: tuple[bool, bool] | None = None):
     """MAML++'s objective at meta-iteration ``step``.
 
     Args:
       batch: a ``TaskBatch``.
       step: global meta-iteration (int, scalar tensor or None = 0); selects
-        the MSL weights and the derivative order.
+        the MSL weights, and the derivative order and MSL unless ``phase``.
       training: training-mode forward passes (and statistics recording).
+      phase: ``phase(step)``, computed in Python: the derivative order and
+        MSL are then fixed in the graph, with no ``tf.cond``.
 
     Returns:
       ``(loss, metrics)``; metrics add ``first_order`` (1 in the first-order
       phase) and ``final_step_weight`` (MSL's weight of the last step).
     """
-    first_order = self.uses_first_order(step)
-    msl = self.uses_multi_step_loss(step) if training else False
+    first_order, msl = (phase if phase is not None else
+                        (self.uses_first_order(step),
+                         self.uses_multi_step_loss(step)))
+    msl = msl if training else False
     if tf.executing_eagerly():
       first_order, msl = bool(first_order), bool(msl)
     weights = self.loss_weights(step, self.model.trainable_variables[0].dtype)

@@ -15,7 +15,10 @@ A *learner* provides:
   ``update_state(finite)``: called after each meta-step's gradients, outside
   the tape, to update non-trainable state from the step just taken (MAML++'s
   per-step batch-norm running statistics, a float16 loss scale); ``finite``
-  is a boolean tensor, false when the step was not finite.
+  is a boolean tensor, false when the step was not finite; and
+  ``phase(step: int) -> hashable``: the loop then compiles one meta-step per
+  phase and calls ``meta_loss(batch, step, phase=phase(step))`` (MAML++'s
+  schedules), so the graph need not branch on the step tensor.
 
 The loop compiles ``steps_per_call`` meta-steps into one XLA call (a
 ``tf.while_loop`` with the optimiser inside), so small workloads such as the
@@ -218,10 +221,11 @@ class Trainer:
   def _objective(self, pretrain: bool) -> Callable:
     return self.learner.pretrain_loss if pretrain else self.learner.meta_loss
 
-  def _single_step(self, batch: TaskBatch, step, pretrain: bool):
+  def _single_step(self, batch: TaskBatch, step, pretrain: bool, phase=None):
     objective = self._objective(pretrain)
     with tf.GradientTape() as tape:
-      loss, metrics = objective(batch, step)
+      loss, metrics = (objective(batch, step) if phase is None else
+                       objective(batch, step, phase=phase))
     grads = tape.gradient(loss, self.variables,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
     finite = all_finite(loss, grads)
@@ -252,19 +256,19 @@ class Trainer:
     return {k: tf.where(finite, tf.cast(v, tf.float32), float("nan"))
             for k, v in metrics.items()}
 
-  def _block(self, block: TaskBatch, start_step, pretrain: bool):
+  def _block(self, block: TaskBatch, start_step, pretrain: bool, phase=None):
     """Runs the meta-steps of one block; returns per-step metrics ``[k]``."""
     k = int(block.support_x.shape[0])
     if k == 1:
       metrics = self._single_step(TaskBatch(*(t[0] for t in block)),
-                                  start_step, pretrain)
+                                  start_step, pretrain, phase)
       return {n: v[None] for n, v in metrics.items()}
     names = self._metric_names(TaskBatch(*(t[0] for t in block)), pretrain)
 
     def body(i, arrays):
       batch = TaskBatch(*(t[i] for t in block))
       metrics = self._single_step(batch, start_step + tf.cast(i, tf.int64),
-                                  pretrain)
+                                  pretrain, phase)
       return i + 1, {n: arrays[n].write(i, metrics[n]) for n in names}
 
     arrays = {n: tf.TensorArray(tf.float32, size=k) for n in names}
@@ -288,22 +292,45 @@ class Trainer:
       self._functions[key] = sorted(list(outputs) + ["loss"])
     return self._functions[key]
 
-  def train_function(self, pretrain: bool = False) -> Callable:
+  def train_function(self, pretrain: bool = False,
+                     phase=None) -> Callable:
     """The compiled meta-step: ``(block, start_step) -> per-step metrics``.
 
     ``block`` is a ``TaskBatch`` whose fields have a leading ``[k]`` axis (k
     meta-steps per call); ``start_step`` is an int64 scalar. Each call updates
-    the variables and the optimiser. (Benchmarks call it directly.)
+    the variables and the optimiser. ``phase``: the learner's ``phase(step)``
+    for every step of the calls (see the module docstring). (Benchmarks call
+    it directly.)
     """
-    key = ("train", pretrain)
+    key = ("train", pretrain, phase)
     if key not in self._functions:
       # No autograph: the learners' Python loops run over static ranges and
       # their loops/conditionals are explicit tf.while_loop/tf.cond, so
       # converting the code would only cost tracing time.
       self._functions[key] = tf.function(
-          lambda block, step: self._block(block, step, pretrain),
+          lambda block, step: self._block(block, step, pretrain, phase),
           jit_compile=self.config.jit_compile, autograph=False)
     return self._functions[key]
+
+  def phase(self, start: int, steps: int):
+    """The learner's phase for meta-steps ``start .. start + steps - 1``
+    (None: it has none).
+
+    Raises:
+      ValueError: the phase changes inside those steps (one compiled call).
+    """
+    phase_of = getattr(self.learner, "phase", None)
+    if phase_of is None:
+      return None
+    phase = phase_of(start)
+    if phase_of(start + steps - 1) != phase:
+      raise ValueError(
+          f"meta-steps {start}-{start + steps - 1} run in one call "
+          f"(steps_per_call={steps}) but span two phases of "
+          f"{type(self.learner).__name__} ({phase} and "
+          f"{phase_of(start + steps - 1)}); choose a steps_per_call that "
+          "divides the phases' lengths")
+    return phase
 
   def _evaluate_function(self) -> Callable:
     if "evaluate" not in self._functions:
@@ -441,6 +468,10 @@ class Trainer:
     if start >= total:
       logging.info("Nothing to train: step %d >= %d.", start, total)
       return {"step": start}
+    # Before any step: a call may not span two of the learner's phases.
+    for first in range(max(start, c.pretrain_iterations), total,
+                       c.steps_per_call):
+      self.phase(first, min(c.steps_per_call, total - first))
     logging.info("Meta-training from step %d to %d (%d tasks/step, %d "
                  "steps per call, XLA %s).", start, total, c.meta_batch_size,
                  c.steps_per_call, c.jit_compile)
@@ -458,13 +489,15 @@ class Trainer:
       input_seconds += time.time() - fetch_start
       if c.steps_per_call == 1:
         block = TaskBatch(*(t[None] for t in block))
+      k_block = int(block.support_x.shape[0])
       pretrain = step < c.pretrain_iterations
       call_start = time.time()
       if first_call is None:
         logging.info("Compiling the meta-step%s (first call)...",
                      " with XLA" if c.jit_compile else "")
-      metrics = self.train_function(pretrain)(block, tf.constant(step,
-                                                                  tf.int64))
+      phase = None if pretrain else self.phase(step, k_block)
+      metrics = self.train_function(pretrain, phase)(
+          block, tf.constant(step, tf.int64))
       metrics = {k: v.numpy() for k, v in metrics.items()}
       if first_call is None:
         first_call = time.time() - call_start

@@ -221,8 +221,8 @@ def test_running_statistics_follow_the_recorded_batch_moments():
 
 def test_training_loop_updates_per_step_running_statistics(tmp_path):
   """Compiled meta-steps, two per call (a tf.while_loop), with the multi-step
-  loss switching off mid-call (a tf.cond): every step's row of every
-  batch-norm layer moves, and stays finite."""
+  loss switching off after the first call (one compiled step per phase):
+  every step's row of every batch-norm layer moves, and stays finite."""
   model = models.build("mlp_sinusoid", hidden=(8, 8), norm="batch_norm",
                        norm_scale=True, seed=0)
   learner = MAMLPlusPlus(model, 0.01, 2, config=MAMLPPConfig(
@@ -232,6 +232,9 @@ def test_training_loop_updates_per_step_running_statistics(tmp_path):
       steps_per_call=2, log_every=4, print_every=4, save_every=4,
       val_every=0, log=False, jit_compile=False))
   trainer.train(SinusoidTasks(SinusoidConfig(num_shots=5), "train"))
+  # One compiled meta-step per phase: (first order, multi-step loss).
+  assert {key[2] for key in trainer._functions if key[0] == "train"} == {
+      (False, True), (False, False)}
   statistics = learner.statistics
   for means, variances in zip(statistics.means, statistics.variances):
     assert means.shape == (2, 8)
@@ -308,3 +311,48 @@ def test_bad_config_is_named(field, value, flag):
            if field == "per_step_running_stats" else {})
   with pytest.raises(ValueError, match=flag):
     MAMLPPConfig(**{field: value}, **extra)
+
+
+def test_a_phase_fixed_in_python_computes_what_the_branches_do():
+  """The training loop passes ``phase(step)``: no tf.cond in the graph, and
+  the same loss, metrics and meta-gradients as branching on the step."""
+  learner = learner_for(steps=3, first_order_epochs=1, msl_epochs=2)
+  batch = helpers.to_tensors(sine_batch(num_tasks=2))
+  variables = learner.trainable_variables
+
+  def objective(step, phase):
+    with tf.GradientTape() as tape:
+      loss, metrics = learner.meta_loss(batch, step, phase=phase)
+    return loss, metrics, tape.gradient(loss, variables)
+
+  for step, phase in [(5, (True, True)), (15, (False, True)),
+                      (25, (False, False))]:
+    assert learner.phase(step) == phase
+    results, conds = [], []
+    for fixed in (phase, None):
+      fn = tf.function(lambda s, fixed=fixed: objective(s, fixed),
+                       autograph=False)
+      step_tensor = tf.constant(step, tf.int64)
+      graph = fn.get_concrete_function(step_tensor).graph
+      conds.append(sum(op.type in ("If", "StatelessIf")
+                       for op in graph.get_operations()))
+      results.append(fn(step_tensor))
+    assert conds[0] == 0 and conds[1] > 0, step
+    (loss, metrics, grads), (loss_b, metrics_b, grads_b) = results
+    np.testing.assert_allclose(loss, loss_b, rtol=1e-12)
+    for name in metrics:
+      np.testing.assert_allclose(metrics[name], metrics_b[name], rtol=1e-12)
+    for g, g_b in zip(grads, grads_b):
+      np.testing.assert_allclose(g, g_b, rtol=1e-10, atol=1e-14)
+
+
+def test_a_call_may_not_span_two_phases(tmp_path):
+  learner = learner_for(iterations_per_epoch=3, msl_epochs=1)
+  trainer = training.Trainer(learner, training.TrainConfig(
+      run_dir=str(tmp_path), num_iterations=6, meta_batch_size=2,
+      steps_per_call=2, log_every=2, print_every=2, save_every=2,
+      val_every=0, log=False, jit_compile=False))
+  with pytest.raises(ValueError, match=r"meta-steps 2-3 run in one call "
+                     r"\(steps_per_call=2\) but span two phases"):
+    trainer.train(SinusoidTasks(SinusoidConfig(num_shots=5), "train"))
+  assert int(trainer.step.numpy()) == 0  # refused before the first step

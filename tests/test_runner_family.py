@@ -60,6 +60,9 @@ def test_each_family_model_trains_and_tests(tmp_path, model, flags, prefix):
 @pytest.mark.parametrize("flag,message", [
     ("--metasgd_init_range=0.1", "--metasgd_init_range=0.1"),
     ("--mamlpp_iterations_per_epoch=0", "--mamlpp_iterations_per_epoch"),
+    # 10 meta-steps per call here (SINE); MSL's phase would end mid-call.
+    ("--mamlpp_iterations_per_epoch=25", "--mamlpp_iterations_per_epoch=25 "
+     "must be a multiple of --steps_per_call=10"),
 ])
 def test_bad_family_flags_are_named(tmp_path, flag, message):
   model = "metasgd" if "metasgd" in flag else "mamlpp"

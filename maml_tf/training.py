@@ -322,14 +322,13 @@ class Trainer:
     phase_of = getattr(self.learner, "phase", None)
     if phase_of is None:
       return None
-    phase = phase_of(start)
-    if phase_of(start + steps - 1) != phase:
+    phase, last = phase_of(start), phase_of(start + steps - 1)
+    if last != phase:
       raise ValueError(
           f"meta-steps {start}-{start + steps - 1} run in one call "
           f"(steps_per_call={steps}) but span two phases of "
-          f"{type(self.learner).__name__} ({phase} and "
-          f"{phase_of(start + steps - 1)}); choose a steps_per_call that "
-          "divides the phases' lengths")
+          f"{type(self.learner).__name__} ({phase} and {last}); choose a "
+          "steps_per_call that divides the phases' lengths")
     return phase
 
   def _evaluate_function(self) -> Callable:

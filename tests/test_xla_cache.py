@@ -111,6 +111,13 @@ def _varint(n: int) -> bytes:
       return out
 
 
+def dead_pid() -> int:
+  """The id of a process that has ended (a staging directory's dead owner)."""
+  return int(subprocess.run(
+      [sys.executable, "-c", "import os; print(os.getpid())"],
+      capture_output=True, text=True, check=True).stdout)
+
+
 def test_only_a_whole_entry_is_complete(tmp_path):
   data = entry()
   path = tmp_path / "e.pb"
@@ -162,11 +169,10 @@ def test_configure_stages_and_publishes_whole_entries(tmp_path, monkeypatch,
 def test_other_processes_whole_entries_are_published(tmp_path, monkeypatch,
                                                      at_exit):
   shared = xla_cache.configure(str(tmp_path))
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True).stdout
+  dead = dead_pid()
   host = socket.gethostname()
-  killed = os.path.join(shared, f".staging-{host}-pid{dead.strip()}-abc")
-  elsewhere = os.path.join(shared, f".staging-{host}x-pid{dead.strip()}-abc")
+  killed = os.path.join(shared, f".staging-{host}-pid{dead}-abc")
+  elsewhere = os.path.join(shared, f".staging-{host}x-pid{dead}-abc")
   alive = os.path.join(shared, f".staging-{host}-pid{os.getpid()}-abc")
   for path in (killed, elsewhere, alive):
     os.mkdir(path)
@@ -234,9 +240,7 @@ def test_a_killed_writers_partial_entry_is_never_read(tmp_path):
   assert xla_cache.is_complete(str(path))
   # As a process killed while TensorFlow wrote the entry leaves it.
   path.unlink()
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True).stdout
-  staging = shared / f".staging-{socket.gethostname()}-pid{dead.strip()}-x"
+  staging = shared / f".staging-{socket.gethostname()}-pid{dead_pid()}-x"
   staging.mkdir()
   (staging / path.name).write_bytes(whole[:len(whole) // 2])
   assert compile_once() == value  # compiled again, not read

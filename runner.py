@@ -386,6 +386,13 @@ def flags_markdown() -> str:
   return "| flag | value |\n|---|---|\n" + "\n".join(rows)
 
 
+def record_flags(run_dir: str, trainer) -> None:
+  """The run's flags as files in ``run_dir`` and as a TensorBoard text
+  summary (MAML family and LEO alike)."""
+  save_flags(run_dir)
+  trainer.write_text("flags", flags_markdown())
+
+
 # ------------------------------------------------------------ validation
 def _check_flags() -> None:
   if FLAGS.norm not in ("batch_norm", "layer_norm", "None"):
@@ -670,8 +677,7 @@ def _maml_main() -> None:
   # get anything (the Trainer opens its TensorBoard file).
   trainer = training.Trainer(learner, config)
   if FLAGS.train:
-    save_flags(run_dir)
-    trainer.write_text("flags", flags_markdown())
+    record_flags(run_dir, trainer)
     result = trainer.train(train_source, val_source)
     logging.info("Training done: %s", result)
     if FLAGS.test_after_train:
@@ -948,7 +954,8 @@ def _leo_main() -> None:
         test_after_train=FLAGS.test_after_train, log=FLAGS.log,
         # Once the data has loaded: a failing command leaves the flags of
         # the run already in the directory as they were.
-        before_training=lambda: save_flags(outer.checkpoint_path))
+        before_training=lambda trainer: record_flags(outer.checkpoint_path,
+                                                     trainer))
   except experiment.DATA_ERRORS as e:
     raise app.UsageError(str(e)) from e
   test = results["test"]

@@ -145,12 +145,13 @@ def validate_at_start(trainer: Trainer, val_source) -> float:
 def run(data_config: DataConfig, model_config: ModelConfig,
         outer: OuterConfig, *, seed: int = 0, jit_compile: bool = True,
         steps_per_call: int = 1, test_after_train: bool = True,
-        log: bool = True, before_training: Callable[[], None] | None = None
+        log: bool = True,
+        before_training: Callable[[Trainer], None] | None = None
         ) -> dict:
   """Meta-trains (resuming if possible) and/or tests, as ``runner.py``.
 
-  ``before_training`` is called once the training data has loaded (the
-  runner writes the run's flags then).
+  ``before_training(trainer)`` is called once the training data has loaded
+  (the runner records the run's flags then, in files and in TensorBoard).
 
   Returns:
     ``{"train": Trainer.train's dict or None, "test": evaluate_test's dict or
@@ -177,7 +178,7 @@ def run(data_config: DataConfig, model_config: ModelConfig,
       data_lib.embeddings_file(data_config, "test")
     sources = load(("train", "val"))
     if before_training is not None:
-      before_training()
+      before_training(trainer)
     start = trainer.restore()
     # Fresh or resumed, the validation is traced first (the XLA cache
     # matches programs by name, and names follow the order of tracing).

@@ -267,6 +267,7 @@ def test_runner_demo_mode_and_evaluation_mode(tmp_path):
   tagged = [(event.step, v.tag) for f in events for event in
             tf.compat.v1.train.summary_iterator(str(run_dir / f))
             for v in event.summary.value]
+  assert "flags" in {t for _, t in tagged}  # the flags as TensorBoard text
   points = [(s, t) for s, t in tagged if t.startswith("metatrain/")]
   assert (4, "metatrain/query_accuracy") in points
   assert len(points) == len(set(points))

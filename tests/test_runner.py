@@ -48,7 +48,7 @@ def test_train_test_resume_and_test_mode(tmp_path):
           for v in event.summary.value}
   assert {"metatest/pre_update_query_loss",
           "metatest/post_update_query_loss_step_10",
-          "metaval/post_update_query_loss_step_5"} <= tags
+          "metaval/post_update_query_loss_step_5", "flags"} <= tags
 
   # Resume: a longer run continues from step 200, and compiles nothing: the
   # XLA cache matches programs by name, and restoring a checkpoint used to

@@ -1,7 +1,9 @@
-"""runner.py on the image datasources: a generated Omniglot cache end to end,
-and the errors that name flags and paths."""
+"""runner.py on the image datasources: generated Omniglot and miniImageNet
+caches end to end, and the errors that name flags and paths."""
 
 import pytest
+
+from tests import image_files
 
 from tests.test_runner import run
 
@@ -24,6 +26,57 @@ def test_train_then_test_mode_on_a_cache(omniglot_cache, tmp_path):
           in proc.stderr)
   proc = run(args + ["--train=False"])
   assert "val results after 20 iterations" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def miniimagenet_cache(tmp_path_factory):
+  """A miniImageNet cache prepared from generated Ravi & Larochelle files:
+  3/2/2 classes of 3 images."""
+  from data_prep import miniimagenet
+  root = tmp_path_factory.mktemp("mini")
+  image_files.mini_csv_layout(root / "raw")
+  miniimagenet.prepare(miniimagenet.MiniImageNetPrepConfig(
+      str(root / "raw"), str(root / "cache")))
+  return root / "cache"
+
+
+def test_miniimagenet_trains_compiled_and_tests(miniimagenet_cache, tmp_path):
+  """The miniImageNet path as the paper's command runs it, compiled by XLA:
+  84x84x3 images, the max-pool network, and a meta-batch small enough for
+  one convolution per task."""
+  proc = run(["--model=maml", "--datasource=miniimagenet",
+              f"--data_path={miniimagenet_cache}", f"--logdir={tmp_path}",
+              "--num_classes=2", "--update_batch_size=1", "--num_query=2",
+              "--num_filters=4", "--max_pool=True", "--update_lr=0.01",
+              "--meta_batch_size=2", "--num_updates=1",
+              "--test_num_updates=1", "--metatrain_iterations=3",
+              "--num_test_tasks=4", "--test_batch_size=4", "--val_interval=3",
+              "--summary_interval=3", "--print_interval=3",
+              "--save_interval=3"])
+  assert "test results after 3 iterations (4 tasks" in proc.stdout
+  run_dir = tmp_path / ("cls_2.mbs_2.ubs_1.numstep1.updatelr0.01hidden4"
+                        "maxpoolbatchnorm.numquery2")
+  assert (run_dir / "test_ubs1_stepsize0.01.csv").exists(), sorted(
+      p.name for p in tmp_path.iterdir())
+  assert ("--xla_cpu_use_fusion_emitters=false (--xla_cpu_emitters=auto)"
+          in proc.stderr)
+
+
+def test_quickdraw_trains_and_tests(tmp_path):
+  from data_prep import quickdraw
+  raw = image_files.quickdraw_files(tmp_path / "raw", categories=12,
+                                    drawings=8)
+  cache = tmp_path / "cache"
+  quickdraw.prepare(quickdraw.QuickDrawPrepConfig(str(raw), str(cache),
+                                                  samples_per_class=4))
+  proc = run(TINY[2:] + [
+      "--model=maml", "--datasource=quickdraw", f"--data_path={cache}",
+      f"--logdir={tmp_path / 'logs'}", "--max_pool=True", "--num_classes=2",
+      "--num_query=1", "--metatrain_iterations=10"])
+  assert "test results after 10 iterations (4 tasks" in proc.stdout
+  assert (tmp_path / "logs" / ("cls_2.mbs_2.ubs_1.numstep1.updatelr0.4hidden4"
+                               "maxpoolbatchnorm.numquery1") /
+          "test_ubs1_stepsize0.4.csv").exists()
 
 
 @pytest.mark.slow  # ~30 s: another TF start-up and trace for one branch

@@ -5,7 +5,7 @@ learner and the real training step (meta-gradient + Adam, as the Trainer runs
 it) and reports:
 
 * meta-steps/s: the median of timed blocks (about 2 s each) after the first
-  call and two warm-up calls, and ms per step;
+  call and two warm-up calls (one for ``leo_test``), and ms per step;
 * compile: the first call (tracing + XLA compilation), and the first call
   of a second process that finds the program in the on-disk XLA cache the
   first one filled (``runner.py --xla_cache_dir``; a fresh cache per
@@ -56,7 +56,9 @@ def _run_one(spec: dict) -> dict:
   maml_tf.use_xla_cpu_fusion_emitters(workload.fusion_emitters)
   # As runner.py --intra_op_threads (before TensorFlow's runtime starts).
   threads = spec.get("intra_op_threads", -1)
-  threads = workload.intra_op_threads if threads < 0 else threads
+  if threads < 0:  # the workload's default, unless the environment sets it
+    threads = (0 if "TF_NUM_INTRAOP_THREADS" in os.environ else
+               workload.intra_op_threads)
   if threads:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
   threads = tf.config.threading.get_intra_op_parallelism_threads()
@@ -295,13 +297,30 @@ def main() -> None:
   flops = {}  # the XLA row's count, reused for the same maths without XLA
   from benchmarks import workloads as wl
   known = wl.workloads()
+  requested = args.algorithms.split(",")
+  for flag, values, allowed in [
+      ("--algorithms", requested, wl.MAML_FAMILY + ("leo",)),
+      ("--xla", args.xla.split(","), ("on", "off")),
+      ("--precisions", args.precisions.split(","),
+       ("float32", "bfloat16", "float16"))]:
+    for value in values:
+      if value not in allowed:
+        parser.error(f"{flag}: unknown value {value!r}; expected some of "
+                     f"{','.join(allowed)}")
   configs = []
   for workload in args.workloads.split(","):
     if workload not in known:
       parser.error(f"--workloads: unknown workload {workload!r}; expected "
                    f"some of {','.join(known)}")
-    algorithms = [a for a in args.algorithms.split(",")
-                  if a in known[workload].algorithms] or ["leo"]
+    # LEO's workloads run LEO whatever --algorithms says (its default names
+    # the MAML family only); the others run the requested ones they support.
+    supported = known[workload].algorithms
+    algorithms = ([a for a in requested if a in supported]
+                  if supported != ("leo",) else ["leo"])
+    if not algorithms:
+      parser.error(f"--algorithms={args.algorithms}: none runs on "
+                   f"--workloads {workload} (expected some of "
+                   f"{','.join(supported)})")
     configs += itertools.product([workload], algorithms,
                                  args.precisions.split(","),
                                  args.xla.split(","))

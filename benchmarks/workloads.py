@@ -1,6 +1,7 @@
 """The benchmarked workloads and algorithms.
 
-Each workload is a paper setting (or the one performance.md measured):
+Each workload is a paper setting (or the one the performance issue's
+reference measurements used):
 
 * ``sinusoid``: 1-40-40-1 MLP, K=10 support + 10 query, meta-batch 25,
   1 inner step (lr 0.01), second order.

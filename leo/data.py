@@ -16,8 +16,9 @@ Loading never executes code: ``RestrictedUnpickler`` admits only what numpy
 arrays, dtypes and scalars and plain containers need.
 
 Tasks follow ``DataProvider.get_instance``: N distinct classes in random
-order (labels 0..N-1), K + Q distinct images per class, class-major, every
-embedding L2-normalised at sampling time.
+order (labels 0..N-1), K + Q distinct images per class, class-major. Every
+embedding is L2-normalised once, when its split loads (the original
+normalises each sampled task's embeddings).
 """
 
 from __future__ import annotations

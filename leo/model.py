@@ -233,8 +233,8 @@ class LEO(tf.Module):
 
   def forward_decoder(self, data: ProblemInstance, latents: tf.Tensor,
                       rng: StatelessRandom):
-    """Latents -> classifier weights ``[T, N, K, d]`` and their support loss
-    ``[T, N, K]``.
+    """Latents -> ``(support loss [T, N, K], classifier weights
+    [T, N, K, d])``.
 
     The sampling offset ``sqrt(2 / (N + d))`` makes the initial weights'
     spread Glorot-like rather than ~1.

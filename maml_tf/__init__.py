@@ -85,6 +85,7 @@ _EXPORTS = {
     "MetaSGD": ("maml_tf.metasgd", "MetaSGD"),
     "TaskBatch": ("maml_tf.tasks", "TaskBatch"),
     "models": ("maml_tf.models", None),
+    "xla_cache": ("maml_tf.xla_cache", None),
 }
 
 __all__ = [*_EXPORTS, "use_xla_cpu_fusion_emitters"]

@@ -329,7 +329,8 @@ class MAML(tf.Module):
       ``(loss, metrics)``; metrics are scalars: ``pre_update_loss`` (support
       loss before adaptation, the original's ``total_loss1``),
       ``post_update_loss`` (query loss after U steps) and, for
-      classification, the matching accuracies.
+      classification, ``post_update_accuracy`` (query accuracy after U
+      steps).
     """
     del step
     with L.final_weight_gradient_sums(not self.first_order):

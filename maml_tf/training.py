@@ -449,7 +449,10 @@ class Trainer:
     """Runs (or resumes) meta-training to ``total_iterations``.
 
     Returns:
-      A dict with the final step, wall time, steps/s and first-call time.
+      ``{"step", "seconds", "first_call_seconds", "nonfinite_steps"}``: the
+      final step, the wall time, the first compiled call's time and the
+      number of steps skipped as non-finite; only ``{"step"}`` when the run
+      had already reached ``total_iterations``.
     """
     c = self.config
     os.makedirs(c.run_dir, exist_ok=True)

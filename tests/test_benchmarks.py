@@ -50,7 +50,8 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
        "--algorithms", "maml", "--xla", "on", "--blocks", "2",
        "--block_seconds", "0.2", "--out", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=600,
-      env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+      env={**{k: v for k, v in os.environ.items()
+              if k not in ("XLA_FLAGS", "TF_NUM_INTRAOP_THREADS")},
            "MALLOC_ARENA_MAX": "4"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -103,3 +104,18 @@ def test_report_names_a_file_that_is_not_a_result(tmp_path):
                          str(bad)], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode != 0
   assert f"--report: {bad} is not a benchmark result" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--algorithms", "mamI"], "--algorithms: unknown value 'mamI'"),
+    (["--workloads", "omniglot", "--algorithms", "leo"],
+     "--algorithms=leo: none runs on --workloads omniglot"),
+])
+def test_bad_options_are_named_before_anything_runs(tmp_path, args, message):
+  """(--xla and --precisions are checked by the same loop as --algorithms.)
+  LEO on Omniglot used to be tried when no MAML-family algorithm applied."""
+  proc = subprocess.run([sys.executable, "-m", "benchmarks", *args,
+                         "--out", str(tmp_path / "bench.json")],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "bench.json").exists()

@@ -245,3 +245,11 @@ def test_a_killed_writers_partial_entry_is_never_read(tmp_path):
   (staging / path.name).write_bytes(whole[:len(whole) // 2])
   assert compile_once() == value  # compiled again, not read
   assert xla_cache.is_complete(str(path)) and not staging.exists()
+
+
+def test_every_public_name_of_the_package_resolves():
+  """The package docstring lists ``xla_cache``; it was not exported."""
+  import maml_tf
+  for name in maml_tf.__all__:
+    assert getattr(maml_tf, name) is not None, name
+  assert maml_tf.xla_cache.configure is xla_cache.configure

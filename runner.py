@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import json
+import math
 import os
 import sys
 import tempfile
@@ -404,16 +405,29 @@ def _check_flags() -> None:
   if FLAGS.baseline == "oracle" and FLAGS.datasource != "sinusoid":
     raise app.UsageError("--baseline=oracle needs --datasource=sinusoid.")
   for name in ("meta_batch_size", "update_batch_size", "num_classes",
-               "num_test_tasks", "test_batch_size"):
+               "num_test_tasks", "test_batch_size", "num_filters"):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
   if FLAGS.num_updates < 1:
     raise app.UsageError(f"--num_updates must be >= 1, got {FLAGS.num_updates}")
   for name in ("metatrain_iterations", "pretrain_iterations", "update_lr"):
-    if getattr(FLAGS, name) < 0:
+    # (written so that NaN fails too)
+    if not getattr(FLAGS, name) >= 0:
       raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
-  if FLAGS.meta_lr <= 0:
-    raise app.UsageError(f"--meta_lr must be > 0, got {FLAGS.meta_lr}")
+  if not 0 < FLAGS.meta_lr < math.inf:
+    raise app.UsageError(f"--meta_lr must be > 0 and finite, got "
+                         f"{FLAGS.meta_lr}")
+  if not math.isfinite(FLAGS.update_lr):
+    raise app.UsageError(f"--update_lr must be finite, got {FLAGS.update_lr}")
+  if not (FLAGS.train_update_batch_size == -1 or
+          FLAGS.train_update_batch_size >= 1):
+    raise app.UsageError("--train_update_batch_size must be >= 1 (or -1: "
+                         "--update_batch_size), got "
+                         f"{FLAGS.train_update_batch_size}")
+  if not (FLAGS.train_update_lr == -1 or
+          0 <= FLAGS.train_update_lr < math.inf):
+    raise app.UsageError("--train_update_lr must be >= 0 and finite (or -1: "
+                         f"--update_lr), got {FLAGS.train_update_lr}")
   if FLAGS.test_num_updates < -1:
     raise app.UsageError(f"--test_num_updates must be >= 0 (or -1: the "
                          f"original's rule), got {FLAGS.test_num_updates}")
@@ -427,6 +441,10 @@ def _check_flags() -> None:
       if getattr(FLAGS, name) != -1:
         raise app.UsageError(f"--{name} applies to the image datasources, "
                              "not sinusoid.")
+  elif FLAGS.num_classes < 2:  # one class: every prediction is right
+    raise app.UsageError(f"--num_classes must be >= 2 for "
+                         f"--datasource={FLAGS.datasource}, got "
+                         f"{FLAGS.num_classes}")
   elif not FLAGS.data_path:
     raise app.UsageError(
         f"--datasource={FLAGS.datasource} needs --data_path=<prepared "
@@ -598,6 +616,7 @@ def _train_config(run_dir: str):
                         ("val_every", "--val_interval"),
                         ("save_every", "--save_interval"),
                         ("pretrain_iterations", "--pretrain_iterations"),
+                        ("max_to_keep", "--max_checkpoints"),
                         ("steps_per_call", "--steps_per_call")]:
       message = message.replace(field, flag)
     if "--steps_per_call" in message:

@@ -178,6 +178,9 @@ class OuterConfig:
              f"{self.metatest_batch_size}", self.num_metatest_tasks)
     _require(math.isfinite(self.outer_lr) and self.outer_lr > 0, "outer_lr",
              "> 0", self.outer_lr)
+    for name in ("gradient_threshold", "gradient_norm_threshold"):
+      _require(math.isfinite(getattr(self, name)), name,
+               "a finite number (<= 0: off)", getattr(self, name))
     _require(bool(self.checkpoint_path), "checkpoint_path", "a directory",
              self.checkpoint_path)
     if not self.evaluation_mode:  # the original needs 0 in evaluation mode

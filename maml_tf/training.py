@@ -124,15 +124,18 @@ class TrainConfig:
     k = self.steps_per_call
     if k < 1:
       raise ValueError(f"steps_per_call must be >= 1, got {k}")
+    minimums = {"log_every": 1, "print_every": 1, "save_every": 1,
+                "max_to_keep": 1, "val_every": 0, "pretrain_iterations": 0}
+    for name, minimum in minimums.items():
+      if getattr(self, name) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got "
+                         f"{getattr(self, name)}")
     for name in ("log_every", "print_every", "val_every", "save_every",
                  "pretrain_iterations"):
       value = getattr(self, name)
       if value % k:
         raise ValueError(f"{name}={value} must be a multiple of "
                          f"steps_per_call={k}")
-    for name in ("log_every", "print_every", "save_every"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1")
 
   @property
   def total_iterations(self) -> int:

@@ -306,6 +306,9 @@ def test_runner_demo_mode_and_evaluation_mode(tmp_path):
      "--embedding_crop='multiview': expected center for tieredImageNet"),
     (["--dropout_rate=1.0"], "--dropout_rate=1.0"),
     (["--checkpoint_steps=0"], "--checkpoint_steps=0: expected >= 1"),
+    # A NaN clip made every step non-finite: training ran and learnt nothing.
+    (["--gradient_threshold=nan"], "--gradient_threshold=nan: expected a "
+     "finite number"),
 ])
 def test_runner_names_bad_flags(tmp_path, flags, message):
   proc = run_runner([f"--data_path={tmp_path}",

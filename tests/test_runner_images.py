@@ -97,6 +97,8 @@ def test_fully_connected_net(omniglot_cache, tmp_path):
     (["--data_path={cache}", "--datasource=quickdraw"],
      ["holds 'omniglot', not 'quickdraw'"]),
     (["--datasource=imagenet"], ["--datasource='imagenet': expected"]),
+    (["--data_path={cache}", "--num_classes=1"],
+     ["--num_classes must be >= 2 for --datasource=omniglot, got 1"]),
 ])
 def test_errors_name_flags_and_paths(omniglot_cache, tmp_path, extra, messages):
   args = TINY + [f"--logdir={tmp_path}", "--metatrain_iterations=1"]

@@ -76,9 +76,16 @@ class CacheWriter:
 
   def __enter__(self) -> "CacheWriter":
     parent = os.path.dirname(self.output)
-    os.makedirs(parent, exist_ok=True)
-    self.tmp = make_temp_dir(f".tmp-{os.path.basename(self.output)}-",
-                             parent)
+    try:
+      os.makedirs(parent, exist_ok=True)
+      self.tmp = make_temp_dir(f".tmp-{os.path.basename(self.output)}-",
+                               parent)
+    except OSError as e:
+      reason = (f"{e.filename} is not a directory" if e.filename and
+                os.path.exists(e.filename) and not os.path.isdir(e.filename)
+                else f"{e.strerror}: {e.filename}")
+      raise PrepError(f"--output={self.output}: cannot write a cache there "
+                      f"({reason})") from e
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:

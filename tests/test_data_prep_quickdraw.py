@@ -92,3 +92,13 @@ def test_errors_name_the_file(tmp_path):
                      "train/val/test categories"):
     prepare(small, tmp_path / "cache")
   assert not (tmp_path / "cache").exists()
+
+
+def test_unwritable_output_is_named(tmp_path):
+  """It was a FileExistsError traceback from os.makedirs."""
+  raw = image_files.quickdraw_files(tmp_path / "raw", categories=12,
+                                    drawings=8)
+  (tmp_path / "file").write_text("")
+  with pytest.raises(PrepError, match="--output=.*file/cache: cannot write "
+                     "a cache there .*file is not a directory"):
+    prepare(raw, tmp_path / "file" / "cache", samples_per_class=4)

@@ -1069,11 +1069,15 @@ def main(argv) -> None:
 def _main(argv) -> None:
   """``main``, with a usage error reported in one line: absl would print
   the help of every flag of this module (some 300 lines) above it."""
+  from maml_tf.io_utils import CheckpointUnreadableError
   try:
     main(argv)
   except app.UsageError as e:
     sys.stderr.write(f"runner.py: error: {e}\n(python runner.py --helpfull "
                      "lists every flag.)\n")
+    sys.exit(1)
+  except CheckpointUnreadableError as e:  # a damaged run directory
+    sys.stderr.write(f"runner.py: error: {e}\n")
     sys.exit(1)
 
 

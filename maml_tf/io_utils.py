@@ -8,6 +8,10 @@ import shutil
 import tempfile
 
 
+class CheckpointUnreadableError(RuntimeError):
+  """A checkpoint's files are missing or damaged (``Trainer.restore``)."""
+
+
 def umask_mode(mode: int) -> int:
   """``mode`` less the process's umask: what ``open``/``mkdir`` would give.
   ``tempfile`` creates files 0600 and directories 0700, which would keep a

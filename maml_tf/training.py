@@ -42,9 +42,10 @@ from absl import logging
 
 from maml_tf import data as data_lib
 from maml_tf import evaluation
-from maml_tf.io_utils import (atomic_replace_dir, atomic_write,
-                               recover_replaced_dir)
+from maml_tf.io_utils import (CheckpointUnreadableError, atomic_replace_dir,
+                               atomic_write, recover_replaced_dir)
 from maml_tf.tasks import TaskBatch
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,18 +363,41 @@ class Trainer:
       weights_only: restore the learner and the step only (evaluation), not
         the optimiser state.
     """
-    path = checkpoint_path or self.manager.latest_checkpoint
-    if path:
-      # ``read``, not ``restore``: best checkpoints are written with
-      # ``Checkpoint.write``, which stores no save counter (none at all
-      # before the first regular save), and ``restore`` would demand one.
+    if checkpoint_path:
+      self._read(checkpoint_path, weights_only)
+      return int(self.step.numpy())
+    # The latest readable checkpoint: a damaged file (a full disk, a copy
+    # cut short) costs the steps since the one before it, not the run.
+    checkpoints = self.manager.checkpoints
+    for i in reversed(range(len(checkpoints))):
+      try:
+        self._read(checkpoints[i], weights_only)
+        break
+      except CheckpointUnreadableError as e:
+        if not i:
+          raise CheckpointUnreadableError(
+              f"{e}, and {self.manager.directory} holds no readable "
+              "checkpoint before it") from e
+        logging.warning("%s; resuming from %s instead.", e,
+                        checkpoints[i - 1])
+    return int(self.step.numpy())
+
+  def _read(self, path: str, weights_only: bool) -> None:
+    """Reads checkpoint ``path`` into the learner (and optimiser)."""
+    # ``read``, not ``restore``: best checkpoints are written with
+    # ``Checkpoint.write``, which stores no save counter (none at all
+    # before the first regular save), and ``restore`` would demand one.
+    try:
       status = tf.train.Checkpoint(**self._checkpointed(weights_only)).read(
           path)
-      status.assert_existing_objects_matched()
-      if weights_only:
-        status.expect_partial()
-      logging.info("Restored %s (step %d).", path, int(self.step.numpy()))
-    return int(self.step.numpy())
+    except (tf.errors.OpError, IndexError) as e:  # truncated or missing
+      raise CheckpointUnreadableError(
+          f"checkpoint {path} is unreadable ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    status.assert_existing_objects_matched()
+    if weights_only:
+      status.expect_partial()
+    logging.info("Restored %s (step %d).", path, int(self.step.numpy()))
 
   def save(self) -> str:
     path = self.manager.save(checkpoint_number=int(self.step.numpy()))

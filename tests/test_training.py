@@ -346,3 +346,27 @@ def test_weights_only_restore_reads_every_model_weight(tmp_path):
   for a, b in zip(trained.learner.trainable_variables,
                   fresh.learner.trainable_variables):
     np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+  train, val = sine_sources()
+  make_trainer(tmp_path, 40).train(train, val)  # checkpoints at 20 and 40
+  directory = tmp_path / "checkpoints"
+  (data,) = directory.glob("model-40.data-*")
+  data.write_bytes(data.read_bytes()[:100])  # a copy cut short
+  resumed = make_trainer(tmp_path, 60)
+  assert resumed.restore() == 20
+  resumed.train(train, val)  # which writes model-40 again, whole
+  assert int(resumed.step.numpy()) == 60
+  assert make_trainer(tmp_path, 60).restore(str(directory / "model-40")) == 40
+  # Asked for by name, a damaged checkpoint is an error that names it; with
+  # every checkpoint damaged, so is resuming.
+  for data in directory.glob("model-*.data-*"):
+    data.write_bytes(b"")
+  with pytest.raises(training.CheckpointUnreadableError,
+                     match="checkpoint .*model-40 is unreadable"):
+    make_trainer(tmp_path, 60).restore(str(directory / "model-40"))
+  with pytest.raises(training.CheckpointUnreadableError,
+                     match="model-20 is unreadable .*, and .*checkpoints "
+                     "holds no readable checkpoint before it"):
+    make_trainer(tmp_path, 80).restore()

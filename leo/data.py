@@ -146,7 +146,7 @@ def load_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
 
   Raises:
     EmbeddingsError: naming ``path``, if the file is unreadable, lacks the two
-      arrays or their shapes disagree.
+      arrays, their shapes disagree or an embedding is not finite.
     UnsafePickleError: if the pickle refers to anything but arrays and
       containers.
   """
@@ -174,7 +174,16 @@ def load_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
   if embeddings.shape[0] != keys.shape[0]:
     raise EmbeddingsError(f"{path}: {keys.shape[0]} keys but "
                           f"{embeddings.shape[0]} embeddings")
-  return keys, embeddings.astype(np.float32, copy=False)
+  embeddings = embeddings.astype(np.float32, copy=False)
+  # A NaN or inf row would make every task that draws it non-finite, and
+  # the training loop would skip those steps without saying why.
+  for start in range(0, embeddings.shape[0], 65536):  # no n x d temporary
+    bad = ~np.isfinite(embeddings[start:start + 65536]).all(axis=1)
+    if bad.any():
+      row = start + int(np.argmax(bad))
+      raise EmbeddingsError(f"{path}: embedding {row} ({keys[row]}) is not "
+                            "finite (NaN or inf)")
+  return keys, embeddings
 
 
 def parse_key(key: str, path: str) -> tuple[str, str]:

@@ -225,6 +225,8 @@ def test_other_globals_are_refused(tmp_path):
      "'embeddings', found \\['keys'\\]"),
     (lambda r: r.update(embeddings=r["embeddings"].astype(np.int32)),
      "must be a 2-D float array"),
+    (lambda r: r["embeddings"].__setitem__((3, 1), np.nan),
+     "embedding 3 \\(.*\\) is not finite"),
 ])
 def test_malformed_files_are_named(tmp_path, mutate, message):
   splits = small_splits()

@@ -572,6 +572,9 @@ class Trainer:
           eta = (total - step) / rate if window_steps else float("nan")
           parts = " ".join(f"{n}={finite_mean(v):.4f}"
                            for n, v in sorted(window.items()))
+          skipped = int(self.nonfinite_steps.numpy())
+          if skipped:  # else a diverged run would only show NaN means
+            parts += f" | {skipped} non-finite steps skipped so far"
           logging.info("%sstep %d/%d | %s | %.1f steps/s | ETA %s",
                        "pretrain " if pretrain else "", step - (
                            0 if pretrain else c.pretrain_iterations),
@@ -599,8 +602,13 @@ class Trainer:
       fetch_start = time.time()
     writer.flush()
     wall = time.time() - wall_start
+    skipped = int(self.nonfinite_steps.numpy())
+    if skipped:
+      logging.warning(
+          "%d of %d steps were skipped: their loss or gradients were not "
+          "finite (metatrain/nonfinite_steps in TensorBoard).", skipped, step)
     return {"step": step, "seconds": wall, "first_call_seconds": first_call,
-            "nonfinite_steps": int(self.nonfinite_steps.numpy())}
+            "nonfinite_steps": skipped}
 
 
 def finite_mean(values: list) -> float:

@@ -1,6 +1,7 @@
 """The shared meta-training loop: resume, learning, safety rails."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -84,7 +85,8 @@ class NaNAtStep:
 
 
 @pytest.mark.parametrize("steps_per_call", [1, 5])
-def test_non_finite_step_is_skipped(tmp_path, steps_per_call):
+def test_non_finite_step_is_skipped(tmp_path, steps_per_call, caplog):
+  caplog.set_level(logging.INFO, logger="absl")
   train, _ = sine_sources()
   trainer = make_trainer(tmp_path, 5, jit=False, steps_per_call=steps_per_call,
                          log_every=5, print_every=5, val_every=0, save_every=5)
@@ -93,6 +95,9 @@ def test_non_finite_step_is_skipped(tmp_path, steps_per_call):
   trainer.train(train)
   assert int(trainer.nonfinite_steps.numpy()) == 1
   assert int(trainer.optimizer.iterations.numpy()) == 4  # one update skipped
+  # ... and the log says so, in the progress line and at the end.
+  assert "| 1 non-finite steps skipped so far" in caplog.text
+  assert "1 of 5 steps were skipped" in caplog.text
   assert all(np.isfinite(v.numpy()).all() for v in trainer.variables)
   # The logged means cover the 4 applied steps (the skipped one's metrics
   # are NaN, not zero and not poisoning the mean).

@@ -286,15 +286,6 @@ def main() -> None:
     parser.error(f"--steps_per_call={args.steps_per_call}: expected >= 1, "
                  "or 0 for each workload's default")
 
-  import tensorflow as tf
-
-  from benchmarks import measure
-  # The peak is taken with the same matmul precision as the workloads.
-  tf.config.experimental.enable_tensor_float_32_execution(args.allow_tf32)
-  peak = measure.peak_matmul_gflops()
-  print(f"peak float32 matmul (2048^3, XLA): {peak:.1f} GFLOP/s", flush=True)
-  rows = []
-  flops = {}  # the XLA row's count, reused for the same maths without XLA
   from benchmarks import workloads as wl
   known = wl.workloads()
   requested = args.algorithms.split(",")
@@ -307,6 +298,9 @@ def main() -> None:
       if value not in allowed:
         parser.error(f"{flag}: unknown value {value!r}; expected some of "
                      f"{','.join(allowed)}")
+  if args.omniglot_cache and not os.path.isdir(args.omniglot_cache):
+    parser.error(f"--omniglot_cache={args.omniglot_cache}: not a directory "
+                 "(a cache from python -m data_prep.omniglot)")
   configs = []
   for workload in args.workloads.split(","):
     if workload not in known:
@@ -324,6 +318,16 @@ def main() -> None:
     configs += itertools.product([workload], algorithms,
                                  args.precisions.split(","),
                                  args.xla.split(","))
+
+  import tensorflow as tf
+
+  from benchmarks import measure
+  # The peak is taken with the same matmul precision as the workloads.
+  tf.config.experimental.enable_tensor_float_32_execution(args.allow_tf32)
+  peak = measure.peak_matmul_gflops()
+  print(f"peak float32 matmul (2048^3, XLA): {peak:.1f} GFLOP/s", flush=True)
+  rows = []
+  flops = {}  # the XLA row's count, reused for the same maths without XLA
   for workload, algorithm, precision, xla in configs:
     spec = {"workload": workload, "algorithm": algorithm,
             "precision": precision, "xla": xla == "on",

@@ -110,6 +110,8 @@ def test_report_names_a_file_that_is_not_a_result(tmp_path):
     (["--algorithms", "mamI"], "--algorithms: unknown value 'mamI'"),
     (["--workloads", "omniglot", "--algorithms", "leo"],
      "--algorithms=leo: none runs on --workloads omniglot"),
+    (["--omniglot_cache", "/nonexistent"],
+     "--omniglot_cache=/nonexistent: not a directory"),
 ])
 def test_bad_options_are_named_before_anything_runs(tmp_path, args, message):
   """(--xla and --precisions are checked by the same loop as --algorithms.)
@@ -118,4 +120,5 @@ def test_bad_options_are_named_before_anything_runs(tmp_path, args, message):
                          "--out", str(tmp_path / "bench.json")],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  assert "peak float32 matmul" not in proc.stdout  # nothing was measured
   assert not (tmp_path / "bench.json").exists()

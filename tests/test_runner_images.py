@@ -62,6 +62,7 @@ def test_miniimagenet_trains_compiled_and_tests(miniimagenet_cache, tmp_path):
           in proc.stderr)
 
 
+@pytest.mark.slow  # ~20 s; Omniglot's test above runs the same code path
 def test_quickdraw_trains_and_tests(tmp_path):
   from data_prep import quickdraw
   raw = image_files.quickdraw_files(tmp_path / "raw", categories=12,
@@ -72,8 +73,10 @@ def test_quickdraw_trains_and_tests(tmp_path):
   proc = run(TINY[2:] + [
       "--model=maml", "--datasource=quickdraw", f"--data_path={cache}",
       f"--logdir={tmp_path / 'logs'}", "--max_pool=True", "--num_classes=2",
-      "--num_query=1", "--metatrain_iterations=10"])
-  assert "test results after 10 iterations (4 tasks" in proc.stdout
+      "--num_query=1", "--metatrain_iterations=2", "--val_interval=0",
+      "--summary_interval=2", "--print_interval=2", "--save_interval=2",
+      "--test_num_updates=1"])
+  assert "test results after 2 iterations (4 tasks" in proc.stdout
   assert (tmp_path / "logs" / ("cls_2.mbs_2.ubs_1.numstep1.updatelr0.4hidden4"
                                "maxpoolbatchnorm.numquery1") /
           "test_ubs1_stepsize0.4.csv").exists()

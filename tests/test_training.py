@@ -186,6 +186,14 @@ def test_config_rejects_misaligned_intervals(tmp_path):
   with pytest.raises(ValueError, match="log_every=30 must be a multiple"):
     training.TrainConfig(run_dir=str(tmp_path), num_iterations=10,
                          steps_per_call=20, log_every=30)
+  # A negative interval is named as such, not as misaligned (it was), and
+  # keeping no checkpoint is refused (it was a traceback at the first save).
+  with pytest.raises(ValueError, match="val_every must be >= 0, got -1"):
+    training.TrainConfig(run_dir=str(tmp_path), num_iterations=10,
+                         val_every=-1, steps_per_call=20)
+  with pytest.raises(ValueError, match="max_to_keep must be >= 1, got 0"):
+    training.TrainConfig(run_dir=str(tmp_path), num_iterations=10,
+                         max_to_keep=0)
 
 
 def test_cosine_schedule_reaches_min_lr(tmp_path):
@@ -355,11 +363,11 @@ def test_weights_only_restore_reads_every_model_weight(tmp_path):
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
   train, val = sine_sources()
-  make_trainer(tmp_path, 40).train(train, val)  # checkpoints at 20 and 40
+  make_trainer(tmp_path, 40, jit=False).train(train, val)  # saves 20, 40
   directory = tmp_path / "checkpoints"
   (data,) = directory.glob("model-40.data-*")
   data.write_bytes(data.read_bytes()[:100])  # a copy cut short
-  resumed = make_trainer(tmp_path, 60)
+  resumed = make_trainer(tmp_path, 60, jit=False)
   assert resumed.restore() == 20
   resumed.train(train, val)  # which writes model-40 again, whole
   assert int(resumed.step.numpy()) == 60

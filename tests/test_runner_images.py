@@ -1,5 +1,5 @@
-"""runner.py on the image datasources: generated Omniglot and miniImageNet
-caches end to end, and the errors that name flags and paths."""
+"""runner.py on the image datasources: generated Omniglot, miniImageNet and
+Quick Draw caches end to end, and the errors that name flags and paths."""
 
 import pytest
 

@@ -218,7 +218,8 @@ def _format_table(rows: list[dict], peak: float) -> str:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                   description=__doc__.splitlines()[0])
   parser.add_argument(
       "--workloads",
       default="sinusoid,omniglot,miniimagenet,leo_1shot,leo_5shot,leo_test")

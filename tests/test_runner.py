@@ -174,6 +174,8 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--update_lr=nan", "--update_lr must be >= 0, got nan"),
     ("--max_checkpoints=0", "--max_checkpoints must be >= 1, got 0"),
     ("--num_filters=-3", "--num_filters must be >= 1, got -3"),
+    ("--meta_lr=inf", "--meta_lr must be > 0 and finite, got inf"),
+    ("--train_update_lr=inf", "--train_update_lr must be >= 0 and finite"),
 ])
 def test_bad_flags_are_named(tmp_path, flag, message):
   proc = run(SINE + [f"--logdir={tmp_path}", flag], check=False)

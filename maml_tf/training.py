@@ -47,7 +47,6 @@ from maml_tf.io_utils import (CheckpointUnreadableError, atomic_replace_dir,
 from maml_tf.tasks import TaskBatch
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """How to meta-train.

@@ -34,8 +34,8 @@ def test_load_cache_memmaps_and_scales(omniglot_cache):
   assert x.mean() < 0.3
 
 
-def test_task_batches_are_float_images_with_per_class_rotation(
-    omniglot_cache):
+def test_task_batches_are_float_images_and_omniglot_rotates(omniglot_cache):
+  # (What the rotation does is tested in test_class_tasks.)
   config = image_data.ImageTasksConfig(str(omniglot_cache), "omniglot", 5, 1)
   train, val, test = image_data.task_sources(config)
   assert train.config.rotate and train.config.num_query == 1

@@ -272,17 +272,14 @@ def test_fine_tuning_lowers_the_support_loss():
   assert np.all(after < before - 1e-3), (before, after)
 
 
-def test_no_gradient_reaches_the_inputs_and_every_variable_gets_one():
+def test_every_variable_gets_a_gradient():
+  # (The original's test_gradients_dont_flow_through_input asks for the
+  # gradient of the inputs with respect to the latents, which no graph can
+  # give; it cannot fail, so it is not ported.)
   leo = LEO(tiny_config())
   batch = helpers.to_tensors(class_major_batch(2, 3, 2, 4, 6))
-  with tf.GradientTape(persistent=True) as tape:
-    tape.watch(batch.support_x)
-    data = leo.problem(batch)
-    latents, _ = leo.forward_encoder(data, StatelessRandom(0, 0))
+  with tf.GradientTape() as tape:
     loss, _ = leo.meta_loss(batch, 0)
-  # model_test.test_gradients_dont_flow_through_input: the inputs are not a
-  # function of the latents (nothing writes back into the data).
-  assert tape.gradient(data.tr_input, latents) is None
   grads = tape.gradient(loss, leo.trainable_variables)
   assert all(np.abs(g.numpy()).max() > 0 for g in grads)
 

@@ -64,7 +64,13 @@ def train(root, run_dir, steps, jit=False, **kwargs):
 def test_resumed_run_is_identical(small_root, tmp_path):
   straight = train(small_root, tmp_path / "a", 6)
   train(small_root, tmp_path / "b", 3)  # "pre-empted" at step 3
-  resumed = train(small_root, tmp_path / "b", 6)
+  outer = outer_config(tmp_path / "b", num_steps_limit=6)
+  resumed = Trainer(LEO(model_config()),
+                    experiment.train_config(outer, jit_compile=False))
+  # Training is deterministic, so a restart from step 0 would end the same.
+  assert resumed.restore() == 3
+  s = sources(small_root, outer)
+  resumed.train(s["train"], s["val"])
   assert int(resumed.step.numpy()) == 6
   for a, b in zip(straight.variables, resumed.variables):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -163,8 +169,9 @@ def test_train_then_test_then_evaluation_mode(small_root, tmp_path):
   np.testing.assert_allclose(
       saved["metrics"]["query_accuracy"]["mean"], test["accuracy"])
   assert (tmp_path / "checkpoints" / "model-4.index").exists()
-  # Evaluation mode restores the same best checkpoint: the same number.
-  again = experiment.run(dc, model_config(), outer_config(
+  # Evaluation mode restores the same best checkpoint: the same number,
+  # from a model whose own initial weights differ (another seed).
+  again = experiment.run(dc, model_config(seed=4), outer_config(
       tmp_path, evaluation_mode=True, checkpoint_steps=0), jit_compile=False)
   assert again["train"] is None
   assert again["test"]["accuracy"] == test["accuracy"]
@@ -198,8 +205,15 @@ _RUN_IN_PROCESS = """
 import sys
 from leo import experiment
 from leo.config import DataConfig
+from maml_tf.training import Trainer
 from tests import test_leo_training as t
 root, run_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+restore = Trainer.restore
+def reporting_restore(self, *args, **kwargs):
+  step = restore(self, *args, **kwargs)
+  print("restored step", step)
+  return step
+Trainer.restore = reporting_restore
 experiment.run(DataConfig(root, total_examples_per_class=30),
                t.model_config(inner_unroll_length=1, finetuning_unroll_length=1),
                t.outer_config(run_dir, num_steps_limit=steps,
@@ -219,13 +233,14 @@ def test_resumed_run_compiles_nothing(small_root, tmp_path):
         ["-c", _RUN_IN_PROCESS, small_root, str(tmp_path / "run"), str(steps)],
         TF_XLA_FLAGS=f"--tf_xla_persistent_cache_directory={cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
-  run(2)
+  assert "restored step 0" in run(2)
   programs = sorted(os.listdir(cache))
   # The validation, the meta-step, and the evaluation of the last training
   # batch (metatrain summaries; another batch shape).
   assert len(programs) == 3
-  run(4)
+  assert "restored step 2" in run(4)  # resumed, not started again
   assert (tmp_path / "run" / "checkpoints" / "model-4.index").exists()
   assert sorted(os.listdir(cache)) == programs
 

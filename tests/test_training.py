@@ -68,17 +68,23 @@ def test_short_sinusoid_run_learns(tmp_path):
 
 class NaNAtStep:
   """Wraps a learner; its loss and metrics are NaN at one meta-step (as
-  after an overflow in the inner loop)."""
+  after an overflow in the inner loop). With ``metric_value``, the metrics of
+  the other steps are that constant, so their logged mean is known."""
 
-  def __init__(self, learner, bad_step):
+  def __init__(self, learner, bad_step, metric_value=None):
     self.learner = learner
     self.bad_step = bad_step
+    self.metric_value = metric_value
     self.trainable_variables = learner.trainable_variables
     self.evaluate = learner.evaluate
 
   def meta_loss(self, batch, step, training=True):
     loss, metrics = self.learner.meta_loss(batch, step)
     bad = step == self.bad_step
+    if self.metric_value is not None:
+      metrics = {k: tf.fill(tf.shape(v), tf.constant(self.metric_value,
+                                                     v.dtype))
+                 for k, v in metrics.items()}
     return tf.where(bad, np.nan, loss), {
         k: tf.where(bad, tf.constant(np.nan, v.dtype), v)
         for k, v in metrics.items()}
@@ -90,7 +96,7 @@ def test_non_finite_step_is_skipped(tmp_path, steps_per_call, caplog):
   train, _ = sine_sources()
   trainer = make_trainer(tmp_path, 5, jit=False, steps_per_call=steps_per_call,
                          log_every=5, print_every=5, val_every=0, save_every=5)
-  wrapped = NaNAtStep(trainer.learner, bad_step=2)
+  wrapped = NaNAtStep(trainer.learner, bad_step=2, metric_value=1.0)
   trainer.learner = wrapped
   trainer.train(train)
   assert int(trainer.nonfinite_steps.numpy()) == 1
@@ -107,7 +113,8 @@ def test_non_finite_step_is_skipped(tmp_path, steps_per_call, caplog):
       for v in event.summary.value:
         logged[v.tag] = float(tf.make_ndarray(v.tensor))
   assert np.isfinite(logged["metatrain/loss"])
-  assert np.isfinite(logged["metatrain/post_update_loss"])
+  # Exactly 1: a skipped step counted as zero would give 0.8.
+  assert logged["metatrain/post_update_loss"] == 1.0
 
 
 def test_finite_mean_skips_the_skipped_steps():
@@ -253,6 +260,8 @@ def test_pretraining_is_not_clipped_and_resumes_exactly(tmp_path):
   make_trainer(tmp_path / "b", 0, **dict(kwargs, pretrain_iterations=10)
                ).train(train)  # "killed" in pretraining, after 10 steps
   resumed = make_trainer(tmp_path / "b", 10, **kwargs)
+  assert resumed.restore() == 10  # (a restart from 0 would end the same)
+  assert int(resumed.pretrain_optimizer.iterations.numpy()) == 10
   resumed.train(train)
   assert int(resumed.pretrain_optimizer.iterations.numpy()) == 20
   np.testing.assert_array_equal(

@@ -59,10 +59,9 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
   assert row["workload"] == "sinusoid" and row["algorithm"] == "maml"
   assert row["steps_per_s"] > 0 and len(row["block_rates"]) == 2
   assert row["steps_per_call"] == 100 and row["compile_s"] > 0
-  # A second process loaded the program from the XLA cache the first wrote:
-  # the same computation (a recompile would also give it, but the cache is
-  # a fresh directory, so this checks that the flag reached the children).
-  assert row["compile_cached_s"] > 0
+  # A second process loaded the program from the XLA cache the first wrote
+  # (it wrote no entry of its own), and it computes the same first loss.
+  assert row["compile_cached_s"] > 0 and row["cache_hit"] is True
   assert row["cached_first_loss"] == row["first_loss"]
   assert row["intra_op_threads"] == 1  # as runner.py runs the sinusoid
   assert row["xla_flags"] == "--xla_cpu_use_fusion_emitters=true"  # as well
@@ -95,6 +94,27 @@ def test_report_renders_the_readme_table():
   sine = dict(row, workload="sinusoid", steps_per_call=100, intra_op_threads=1)
   assert report.markdown_table([dict(result, rows=[sine])]).splitlines()[2] \
       .startswith("| sinusoid | maml (100/call, 1 thread) | on |")
+
+
+def test_console_table_notes_cache_misses_and_differing_losses():
+  """A float16 row whose first step overflowed (a NaN first loss), run with
+  --no-cached_first_call, used to end the whole benchmark in a KeyError
+  before any result was written."""
+  from benchmarks import __main__ as bench
+  row = dict(workload="omniglot", algorithm="maml", xla=True,
+             precision="float16", steps_per_call=1, steps_per_s=2.0,
+             ms_per_step=500.0, compile_s=12.3, peak_rss_mb=1536.0,
+             input_ms_per_step=8.0, gflop_per_step=10.0,
+             first_loss=float("nan"))
+
+  def notes(**changes):
+    return bench._format_table([dict(row, **changes)], 100.0).splitlines()[3:]
+
+  assert notes() == []
+  assert notes(cached_first_loss=float("nan"), cache_hit=True) == []
+  assert "differs from" in notes(first_loss=1.5, cached_first_loss=1.25)[0]
+  assert "did not find the program" in notes(
+      first_loss=1.5, cached_first_loss=1.5, cache_hit=False)[0]
 
 
 def test_report_names_a_file_that_is_not_a_result(tmp_path):

@@ -28,7 +28,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-import maml_tf  # noqa: E402,F401  (before TensorFlow: sets its environment)
+import maml_tf  # noqa: E402  (before TensorFlow: sets its environment)
 
 FLAGS = flags.FLAGS
 
@@ -73,7 +73,7 @@ flags.DEFINE_integer("intra_op_threads", None,
                      "--datasource=sinusoid, whose tiny kernels run faster "
                      "without a thread pool, else TensorFlow's default "
                      "(or TF_NUM_INTRAOP_THREADS when it is set).")
-flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "float16"],
+flags.DEFINE_enum("precision", "float32", list(maml_tf.PRECISIONS),
                   "Arithmetic of the MAML-family networks: float32, or mixed "
                   "precision (bfloat16/float16 layers; float32 variables, "
                   "inner updates, losses and batch-norm statistics).")
@@ -410,15 +410,16 @@ def _check_flags() -> None:
       raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
   if FLAGS.num_updates < 1:
     raise app.UsageError(f"--num_updates must be >= 1, got {FLAGS.num_updates}")
-  for name in ("metatrain_iterations", "pretrain_iterations", "update_lr"):
-    # (written so that NaN fails too)
-    if not getattr(FLAGS, name) >= 0:
+  for name in ("metatrain_iterations", "pretrain_iterations"):
+    if getattr(FLAGS, name) < 0:
       raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
+  # Comparisons written so that NaN fails them.
   if not 0 < FLAGS.meta_lr < math.inf:
     raise app.UsageError(f"--meta_lr must be > 0 and finite, got "
                          f"{FLAGS.meta_lr}")
-  if not math.isfinite(FLAGS.update_lr):
-    raise app.UsageError(f"--update_lr must be finite, got {FLAGS.update_lr}")
+  if not 0 <= FLAGS.update_lr < math.inf:
+    raise app.UsageError(f"--update_lr must be >= 0 and finite, got "
+                         f"{FLAGS.update_lr}")
   if not (FLAGS.train_update_batch_size == -1 or
           FLAGS.train_update_batch_size >= 1):
     raise app.UsageError("--train_update_batch_size must be >= 1 (or -1: "

@@ -12,6 +12,7 @@ Public API:
     first compilation.
   xla_cache: TensorFlow's on-disk XLA cache, one directory per machine
     (``xla_cache.configure``, before the first compilation).
+  PRECISIONS: the layers' arithmetic types (mixed precision).
 
 Attributes are imported lazily, so tools that only need the data utilities
 (e.g. ``data_prep``) do not pay for importing TensorFlow.
@@ -36,6 +37,10 @@ import sys
 if "tensorflow" not in sys.modules:
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+# The layers' arithmetic types (``runner.py --precision``, ``models.build(...,
+# compute_dtype=...)``): float32, or mixed precision with float32 variables.
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 _FUSION_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters"
 
@@ -88,7 +93,7 @@ _EXPORTS = {
     "xla_cache": ("maml_tf.xla_cache", None),
 }
 
-__all__ = [*_EXPORTS, "use_xla_cpu_fusion_emitters"]
+__all__ = [*_EXPORTS, "use_xla_cpu_fusion_emitters", "PRECISIONS"]
 
 
 def __getattr__(name):

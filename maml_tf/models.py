@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import maml_tf
 from maml_tf import layers as L
 from maml_tf import precision
 
@@ -53,10 +54,9 @@ class MetaModel(keras.Model):
     self.example_shape = tuple(int(d) for d in example_shape)
     self.num_outputs = int(num_outputs)
     self.task_type = task_type
-    if compute_dtype not in (None, "float32", "float64", "bfloat16",
-                             "float16"):
-      raise ValueError(f"--precision={compute_dtype!r}: expected float32, "
-                       "bfloat16 or float16")
+    if compute_dtype not in (None, "float64", *maml_tf.PRECISIONS):
+      raise ValueError(f"--precision={compute_dtype!r}: expected one of "
+                       f"{', '.join(maml_tf.PRECISIONS)}")
     self.compute_dtype_name = compute_dtype
     policy = precision.parse_loss_scale(loss_scale)
     if policy is not None and compute_dtype is None:

@@ -171,7 +171,7 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--xla_cache_dir=/dev/null/xla", "--xla_cache_dir=/dev/null/xla: cannot "
      "use it as the XLA cache"),
     # These trained on a NaN rate, or stopped with a traceback.
-    ("--update_lr=nan", "--update_lr must be >= 0, got nan"),
+    ("--update_lr=nan", "--update_lr must be >= 0 and finite, got nan"),
     ("--max_checkpoints=0", "--max_checkpoints must be >= 1, got 0"),
     ("--num_filters=-3", "--num_filters must be >= 1, got -3"),
     ("--meta_lr=inf", "--meta_lr must be > 0 and finite, got inf"),

@@ -333,6 +333,21 @@ def _training_identity(values: dict) -> dict:
   return identity
 
 
+def _check_writable_directory(path: str, flag: str) -> None:
+  """Refuses a run directory that is a file, or that cannot be written or
+  created, before anything runs (it used to be a traceback from TensorFlow's
+  summary writer)."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise app.UsageError(f"{flag}: cannot use the run directory {path}: "
+                         f"{existing} is a file, not a directory.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise app.UsageError(f"{flag}: cannot use the run directory {path}: "
+                         f"{existing} is not writable.")
+
+
 def _check_run_directory(run_dir: str, flag: str, training: bool) -> None:
   """Refuses to resume or test a run directory whose ``flags.json`` shows a
   run trained with other values of the flags that decide what it learns, and
@@ -344,6 +359,7 @@ def _check_run_directory(run_dir: str, flag: str, training: bool) -> None:
       --checkpoint_path).
     training: the command trains (else it only evaluates).
   """
+  _check_writable_directory(run_dir, flag)
   if training and not FLAGS.resume and os.path.exists(
       os.path.join(run_dir, "checkpoints", "checkpoint")):
     raise app.UsageError(
@@ -895,9 +911,8 @@ _LEO_DEMO = {
 }
 
 
-def _leo_apply_demo_defaults() -> str:
-  """Generates/reuses the synthetic set; returns its data path."""
-  from leo import synthetic
+def _leo_apply_demo_defaults() -> None:
+  """Sets the demo's values of the flags the user did not set."""
   changed = {}
   demo = {"checkpoint_path": _leo_demo_checkpoint_path(), **_LEO_DEMO}
   for name, value in demo.items():
@@ -908,7 +923,6 @@ def _leo_apply_demo_defaults() -> str:
                "embeddings (not the paper's task). Demo values for flags you "
                "did not set: %s", ", ".join(f"--{k}={v}" for k, v in
                                             changed.items()) or "none")
-  return synthetic.ensure_synthetic_embeddings(FLAGS.leo_synthetic_dir)
 
 
 def _leo_configs(data_path: str):
@@ -954,7 +968,18 @@ def _leo_main() -> None:
                          "MAML-family models; LEO runs in float32 (or float64: "
                          "--use_64bits_dtype).")
   demo = FLAGS.data_path is None
-  data_path = _leo_apply_demo_defaults() if demo else FLAGS.data_path
+  if demo:
+    _leo_apply_demo_defaults()
+  if FLAGS.evaluation_mode:  # (it writes the test results there)
+    _check_writable_directory(FLAGS.checkpoint_path, "--checkpoint_path")
+  else:
+    _check_run_directory(FLAGS.checkpoint_path, "--checkpoint_path",
+                         training=True)
+  if demo:
+    from leo import synthetic
+    data_path = synthetic.ensure_synthetic_embeddings(FLAGS.leo_synthetic_dir)
+  else:
+    data_path = FLAGS.data_path
   try:
     data_config, model_config, outer = _leo_configs(data_path)
   except ValueError as e:
@@ -964,9 +989,6 @@ def _leo_main() -> None:
   from leo import experiment
   tf.random.set_seed(FLAGS.seed)
   steps_per_call = 1 if FLAGS.steps_per_call == -1 else FLAGS.steps_per_call
-  if not outer.evaluation_mode:
-    _check_run_directory(outer.checkpoint_path, "--checkpoint_path",
-                         training=True)
   try:
     results = experiment.run(
         data_config, model_config, outer, seed=FLAGS.seed,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import logging
 import multiprocessing
 import os
@@ -104,28 +105,32 @@ def list_csv(input_dir: str) -> Listing:
       raise PrepError(f"{path}: not found (the csv layout needs train.csv, "
                       "val.csv and test.csv)")
     pairs = []
-    with open(path, newline="") as f:
-      rows = csv.reader(f)
-      header = next(rows, None)
-      if header != ["filename", "label"]:
-        raise PrepError(f"{path}: header {header}, expected "
-                        "['filename', 'label']")
-      for line, row in enumerate(rows, start=2):
-        if not row:
-          continue
-        if len(row) != 2 or not row[0] or not row[1]:
-          raise PrepError(f"{path}:{line}: expected 'filename,label', got "
-                          f"{row}")
-        filename, label = row
-        if filename in seen:
-          raise PrepError(f"{path}:{line}: {filename} is already listed in "
-                          f"{seen[filename]}")
-        seen[filename] = os.path.basename(path)
-        if filename not in present:
-          raise PrepError(f"{path}:{line} names {filename}, but "
-                          f"{os.path.join(images_dir, filename)} does not "
-                          "exist")
-        pairs.append((label, os.path.join(images_dir, filename)))
+    try:
+      with open(path, newline="", encoding="utf-8") as f:
+        text = f.read()
+    except UnicodeDecodeError as e:
+      raise PrepError(f"{path}: not a UTF-8 text file ({e})") from e
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if header != ["filename", "label"]:
+      raise PrepError(f"{path}: header {header}, expected "
+                      "['filename', 'label']")
+    for line, row in enumerate(rows, start=2):
+      if not row:
+        continue
+      if len(row) != 2 or not row[0] or not row[1]:
+        raise PrepError(f"{path}:{line}: expected 'filename,label', got "
+                        f"{row}")
+      filename, label = row
+      if filename in seen:
+        raise PrepError(f"{path}:{line}: {filename} is already listed in "
+                        f"{seen[filename]}")
+      seen[filename] = os.path.basename(path)
+      if filename not in present:
+        raise PrepError(f"{path}:{line} names {filename}, but "
+                        f"{os.path.join(images_dir, filename)} does not "
+                        "exist")
+      pairs.append((label, os.path.join(images_dir, filename)))
     if not pairs:
       raise PrepError(f"{path}: no images listed")
     listing[split] = _group(pairs)
@@ -163,7 +168,7 @@ def decode(path: str) -> np.ndarray:
   try:
     with Image.open(path) as image:
       image = image.convert("RGB")
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise PrepError(f"{path}: not a readable image ({e})") from e
   return np.asarray(image.resize((SIZE, SIZE), Image.LANCZOS), np.uint8)
 

@@ -45,6 +45,7 @@ import logging
 import os
 import sys
 import zipfile
+import zlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -155,7 +156,7 @@ def read_archive(path: str, name: str) -> dict[str, list[ImageEntry]]:
         raise PrepError(f"{path}: entry {info.filename!r} is not under "
                         f"{name}/ as in the official archive")
       add(parts[1:], f"{path}:{info.filename}",
-          lambda n=info.filename: archive.read(n))
+          lambda n=info.filename: _read_member(archive, path, n))
   else:
     for root, dirs, files in os.walk(path):
       dirs.sort()
@@ -171,6 +172,14 @@ def read_archive(path: str, name: str) -> dict[str, list[ImageEntry]]:
   if not characters:
     raise PrepError(f"{path}: no {name}/<Alphabet>/<character>/*.png images")
   return {k: sorted(v, key=lambda im: im[0]) for k, v in characters.items()}
+
+
+def _read_member(archive: zipfile.ZipFile, path: str, member: str) -> bytes:
+  try:
+    return archive.read(member)
+  except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise PrepError(f"{path}:{member}: damaged in the archive ({e}); "
+                    "download the archive again") from e
 
 
 def load_archives(input_dir: str, names: Sequence[str]
@@ -222,7 +231,7 @@ def decode(data: bytes, where: str, resize: str = "original") -> np.ndarray:
   try:
     image = Image.open(io.BytesIO(data))
     image.load()
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise PrepError(f"{where}: not a readable PNG image ({e})") from e
   if image.size != SOURCE_SIZE:
     raise PrepError(f"{where}: {image.size[0]}x{image.size[1]} pixels, "

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from data_prep.cache import CacheWriter, PrepError, check_output, run_main
+from maml_tf import io_utils
 
 SIZE = 28
 RATIOS = (60, 20, 20)
@@ -55,8 +56,8 @@ class QuickDrawPrepConfig:
 def open_bitmaps(path: str) -> np.ndarray:
   """A category file as a ``[N, 784]`` uint8 memmap, validated."""
   try:
-    data = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (OSError, ValueError) as e:
+    data = io_utils.open_npy(path)
+  except ValueError as e:
     raise PrepError(f"{path}: not a readable .npy file ({e})") from e
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != SIZE * SIZE:
     raise PrepError(f"{path}: {data.dtype} {data.shape}, expected uint8 "

@@ -60,6 +60,14 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
   return codecs.encode(text, "latin1")
 
 
+def _empty_bytes(*args) -> bytes:
+  """``bytes()``, as protocol-2 pickles write an empty bytes object (an
+  empty array's data); with arguments it could allocate any size."""
+  if args:
+    raise UnsafePickleError("refusing bytes(...) with arguments")
+  return b""
+
+
 class EmbeddingsError(ValueError):
   """A missing, malformed or unsuitable embeddings file (the message names
   the file or the flag)."""
@@ -97,6 +105,8 @@ class RestrictedUnpickler(pickle.Unpickler):
       return getattr(np, name)
     if module == "_codecs" and name == "encode":
       return _latin1_encode
+    if module in ("builtins", "__builtin__") and name == "bytes":
+      return _empty_bytes
     if (module, name) in _CONTAINERS:
       return super().find_class(module, name)
     raise UnsafePickleError(
@@ -156,17 +166,23 @@ def load_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
         raw = {k: npz[k] for k in npz.files}
     except Exception as e:  # object arrays, corrupt zip
       raise EmbeddingsError(f"{path}: not a readable embeddings .npz "
-                            f"({type(e).__name__}: {e}); 'keys' must be a "
-                            "string array") from e
+                            f"({type(e).__name__}: {e}); expected arrays "
+                            "'keys' (strings, not objects) and "
+                            "'embeddings'") from e
   else:
     raw = load_pickle(path)
   if not isinstance(raw, dict) or not {"keys", "embeddings"} <= set(raw):
-    found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+    found = (sorted(raw, key=repr) if isinstance(raw, dict) else
+             type(raw).__name__)
     raise EmbeddingsError(f"{path}: expected a dict with 'keys' and "
                           f"'embeddings', found {found}")
-  keys = np.asarray([k.decode("latin1") if isinstance(k, bytes) else str(k)
-                     for k in np.asarray(raw["keys"]).reshape(-1)])
-  embeddings = np.asarray(raw["embeddings"])
+  try:
+    keys = np.asarray([k.decode("latin1") if isinstance(k, bytes) else str(k)
+                       for k in np.asarray(raw["keys"]).reshape(-1)])
+    embeddings = np.asarray(raw["embeddings"])
+  except (ValueError, TypeError) as e:  # ragged lists
+    raise EmbeddingsError(f"{path}: 'keys' and 'embeddings' must be arrays "
+                          f"({e})") from e
   if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
     raise EmbeddingsError(f"{path}: 'embeddings' must be a 2-D float array "
                           f"(n, 640), got {embeddings.dtype} "

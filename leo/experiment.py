@@ -86,6 +86,21 @@ def find_checkpoint(run_dir: str) -> tuple[str | None, str]:
       "latest"
 
 
+def checkpoint_to_test(run_dir: str) -> tuple[str, str]:
+  """``find_checkpoint``'s ``(path, 'best' or 'latest')``.
+
+  Raises:
+    FileNotFoundError: if the run directory holds no checkpoint.
+  """
+  path, which = find_checkpoint(run_dir)
+  if path is None:
+    raise FileNotFoundError(
+        f"--checkpoint_path={run_dir}: no checkpoint (neither {BEST_DIR}/ "
+        "nor checkpoints/); train first or point --checkpoint_path at a run "
+        "directory.")
+  return path, which
+
+
 def evaluate_test(learner: LEO, trainer: Trainer, test_source,
                   outer: OuterConfig, jit_compile: bool = True) -> dict:
   """Restores the best checkpoint and evaluates the test tasks.
@@ -101,12 +116,7 @@ def evaluate_test(learner: LEO, trainer: Trainer, test_source,
     FileNotFoundError: if the run directory holds no checkpoint.
   """
   run_dir = outer.checkpoint_path
-  path, which = find_checkpoint(run_dir)
-  if path is None:
-    raise FileNotFoundError(
-        f"--checkpoint_path={run_dir}: no checkpoint (neither {BEST_DIR}/ "
-        "nor checkpoints/); train first or point --checkpoint_path at a run "
-        "directory.")
+  path, which = checkpoint_to_test(run_dir)
   if which == "latest":
     logging.warning("No %s in %s: testing the latest checkpoint %s.",
                     BEST_DIR, run_dir, path)
@@ -170,13 +180,17 @@ def run(data_config: DataConfig, model_config: ModelConfig,
     return sources
 
   learner = LEO(model_config)
-  trainer = Trainer(learner, train_config(outer, seed, jit_compile,
-                                          steps_per_call, log))
+  config = train_config(outer, seed, jit_compile, steps_per_call, log)
+  # The Trainer opens the run directory's TensorBoard file: it is made only
+  # once the data (and, to evaluate, a checkpoint) is known to be there, so
+  # a command that fails on its input leaves no directory behind.
+  trainer = None
   results = {"train": None, "test": None}
   if not outer.evaluation_mode:
     if test_after_train:  # fail now, not after training, if it is missing
       data_lib.embeddings_file(data_config, "test")
     sources = load(("train", "val"))
+    trainer = Trainer(learner, config)
     if before_training is not None:
       before_training(trainer)
     start = trainer.restore()
@@ -189,6 +203,12 @@ def run(data_config: DataConfig, model_config: ModelConfig,
     logging.info("Meta-training done: %s", results["train"])
     del sources  # the test split is loaded after the train split is freed
   if outer.evaluation_mode or test_after_train:
-    results["test"] = evaluate_test(learner, trainer, load(("test",))["test"],
-                                    outer, jit_compile)
+    evaluation_only = trainer is None
+    if evaluation_only:
+      checkpoint_to_test(outer.checkpoint_path)  # before loading the data
+    test_source = load(("test",))["test"]
+    if evaluation_only:
+      trainer = Trainer(learner, config)
+    results["test"] = evaluate_test(learner, trainer, test_source, outer,
+                                    jit_compile)
   return results

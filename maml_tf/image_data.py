@@ -31,6 +31,7 @@ import os
 import numpy as np
 
 from maml_tf.class_tasks import ClassDataset, FewShotConfig, FewShotTasks
+from maml_tf import io_utils
 from maml_tf.data import SPLITS
 
 FORMAT = "maml_tf.class_cache"
@@ -123,11 +124,15 @@ def read_index(path: str, datasource: str | None = None) -> dict:
     if (not isinstance(spec, dict) or not isinstance(spec.get("file"), str) or
         not isinstance(spec.get("num_rows"), int)):
       fail(f"array {name!r} needs 'file' and 'num_rows'")
+  if not isinstance(index["classes"], list):
+    fail("'classes' must be a list of class records")
   names = set()
   for i, cls in enumerate(index["classes"]):
     if not isinstance(cls, dict) or not all(
         k in cls for k in ("name", "split", "array", "start", "count")):
       fail(f"class record {i} needs name, split, array, start and count")
+    if not all(isinstance(cls[k], str) for k in ("name", "split", "array")):
+      fail(f"class record {i}: name, split and array must be strings")
     if cls["name"] in names:
       fail(f"class {cls['name']!r} appears twice")
     names.add(cls["name"])
@@ -142,6 +147,16 @@ def read_index(path: str, datasource: str | None = None) -> dict:
         start + count > arrays[cls["array"]]["num_rows"]):
       fail(f"class {cls['name']!r}: rows {start}..{start}+{count} outside "
            f"array {cls['array']!r}")
+  # Classes sharing rows would share images, across splits too.
+  previous = {}
+  for cls in sorted(index["classes"], key=lambda c: (c["array"], c["start"])):
+    other = previous.get(cls["array"])
+    if other is not None and cls["start"] < other["start"] + other["count"]:
+      fail(f"classes {other['name']!r} and {cls['name']!r} share rows of "
+           f"array {cls['array']!r}")
+    if other is None or (cls["start"] + cls["count"] >
+                         other["start"] + other["count"]):
+      previous[cls["array"]] = cls  # the one reaching furthest
   return index
 
 
@@ -151,8 +166,8 @@ def _open_array(path: str, spec: dict, shape: tuple[int, ...]) -> np.ndarray:
     raise CacheError(f"{file} not found (named in {INDEX_FILE}); the cache is "
                      "incomplete, prepare it again")
   try:
-    array = np.load(file, mmap_mode="r", allow_pickle=False)
-  except (OSError, ValueError) as e:
+    array = io_utils.open_npy(file)
+  except ValueError as e:
     raise CacheError(f"{file}: not a readable .npy array ({e}); prepare the "
                      "cache again") from e
   expected = (spec["num_rows"],) + shape

@@ -85,6 +85,9 @@ def edit(root, name, text):
      r"test.csv:2: n0100000000.jpg is already listed in train.csv"),
     (lambda r: edit(r, "test.csv", "filename,label\nn0600000000.jpg\n"),
      r"test.csv:2: expected 'filename,label'"),
+    # (Was a UnicodeDecodeError.)
+    (lambda r: (r / "val.csv").write_bytes(bytes(range(128, 256))),
+     r"val.csv: not a UTF-8 text file"),
 ])
 def test_csv_errors_name_the_file(tmp_path, breakage, message):
   root = image_files.mini_csv_layout(tmp_path / "raw", per_class=3)
@@ -100,6 +103,15 @@ def test_truncated_jpeg_is_named(tmp_path):
   path = root / "images" / "n0300000001.jpg"
   path.write_bytes(path.read_bytes()[:300])
   with pytest.raises(PrepError, match="n0300000001.jpg: not a readable image"):
+    prepare(root, tmp_path / "cache")
+
+
+def test_oversized_image_is_named(tmp_path, monkeypatch):
+  """Pillow's guard against decompression bombs was a traceback."""
+  root = image_files.mini_csv_layout(tmp_path / "raw", per_class=2)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+  with pytest.raises(PrepError, match=r"\.jpg: not a readable image "
+                     r"\(Image size \(\d+ pixels\) exceeds"):
     prepare(root, tmp_path / "cache")
 
 

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import zipfile
 
 import numpy as np
 import pytest
@@ -166,9 +167,15 @@ def test_missing_archive_is_named(small_zips, tmp_path):
     ("corrupt", "Alpha0/character02/0002_01.png: not a readable PNG"),
     ("size", r"0002_01.png: 28x28 pixels, expected the official 105x105"),
     ("layout", "expected images_background_small1/<Alphabet>/<character>/"),
+    # These two were a zipfile.BadZipFile and a DecompressionBombError.
+    ("damaged", "Alpha0/character02/0002_01.png: damaged in the archive "
+     r"\(Bad CRC-32"),
+    ("huge", r"\.png: not a readable PNG image \(Image size \(11025 pixels\) "
+     "exceeds"),
 ])
 def test_bad_images_are_named_and_nothing_is_written(small_zips, tmp_path,
-                                                     bad, message):
+                                                     bad, message,
+                                                     monkeypatch):
   zip_name = "images_background_small1.zip"
   entries = image_files.omniglot_entries("images_background_small1",
                                          {"Alpha0": 95}, 2)
@@ -179,9 +186,18 @@ def test_bad_images_are_named_and_nothing_is_written(small_zips, tmp_path,
     small = io.BytesIO()
     Image.new("1", (28, 28), 1).save(small, format="PNG")
     entries[key] = small.getvalue()
-  else:
+  elif bad == "layout":
     entries["images_background_small1/Alpha0/stray.png"] = entries[key]
+  elif bad == "huge":  # Pillow's guard, as against a 15000x15000 image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
   image_files.write_zip(tmp_path / zip_name, entries)
+  if bad == "damaged":  # one byte of the member's stored data flipped
+    with zipfile.ZipFile(tmp_path / zip_name) as z:
+      info = z.getinfo(key)
+    data = bytearray((tmp_path / zip_name).read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF
+    (tmp_path / zip_name).write_bytes(bytes(data))
   (tmp_path / "images_background_small2.zip").write_bytes(
       (small_zips / "images_background_small2.zip").read_bytes())
   with pytest.raises(PrepError, match=message):

@@ -87,6 +87,16 @@ def test_errors_name_the_file(tmp_path):
   (raw / "sun.npy").write_bytes(b"not numpy")
   with pytest.raises(PrepError, match="sun.npy: not a readable .npy file"):
     prepare(raw, tmp_path / "cache", samples_per_class=5)
+  # An empty file, and an .npz archive, were an EOFError / AttributeError.
+  (raw / "sun.npy").write_bytes(b"")
+  with pytest.raises(PrepError, match="sun.npy: not a readable .npy file "
+                     r"\(empty"):
+    prepare(raw, tmp_path / "cache", samples_per_class=5)
+  with open(raw / "sun.npy", "wb") as f:
+    np.savez(f, drawings=np.zeros((10, 784), np.uint8))
+  with pytest.raises(PrepError, match="sun.npy: not a readable .npy file "
+                     r"\(an .npz archive"):
+    prepare(raw, tmp_path / "cache", samples_per_class=5)
   small = image_files.quickdraw_files(tmp_path / "few", categories=4)
   with pytest.raises(PrepError, match="4 <category>.npy files give 2/0/2 "
                      "train/val/test categories"):

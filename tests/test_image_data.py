@@ -1,6 +1,7 @@
 """The cache loader, its validation, query sizes and image task sources."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -161,10 +162,32 @@ def test_cache_validation(omniglot_cache, tmp_path):
   def bad_split(i):
     i["classes"][0]["split"] = "dev"
 
+  def list_name(i):
+    i["classes"][0]["name"] = ["a"]
+
+  def shared_rows(i):  # a test class reading a train class's images
+    test = next(c for c in i["classes"] if c["split"] == "test")
+    train = next(c for c in i["classes"] if c["split"] == "train")
+    test["start"], test["count"] = train["start"], train["count"]
+
+  def npz_instead(p):
+    np.savez(str(p) + ".npz", images=np.zeros(3, np.uint8))
+    os.replace(str(p) + ".npz", p)
+
   cases = [
       (broken("v", set_version), "format version 99, expected 1"),
       (broken("o", overflow), "outside array 'images'"),
       (broken("s", bad_split), "split 'dev' is not one of"),
+      # These were a TypeError, a traceback, or (shared rows) accepted: the
+      # test split then held training images.
+      (broken("l", list_name), "name, split and array must be strings"),
+      (broken("c", lambda i: i.update(classes=None)),
+       "'classes' must be a list"),
+      (broken("r", shared_rows), "share rows of array 'images'"),
+      (broken("e", edit_array=lambda p: p.write_bytes(b"")),
+       "images.npy: not a readable .npy array \\(empty"),
+      (broken("z", edit_array=npz_instead),
+       "images.npy: not a readable .npy array \\(an .npz archive"),
       (broken("t", edit_array=lambda p: p.write_bytes(p.read_bytes()[:1000])),
        "images.npy: not a readable .npy array"),
       (broken("m", edit_array=lambda p: p.unlink()),

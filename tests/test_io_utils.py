@@ -45,8 +45,30 @@ def test_replaced_directory_survives_a_kill_between_the_renames(tmp_path):
     (staging / "value").write_text(value)
     io_utils.atomic_replace_dir(str(staging), str(best))
   assert (best / "value").read_text() == "new"
-  os.rename(best, str(best) + ".old")  # killed after the first rename
+  assert sorted(os.listdir(tmp_path)) == ["best"]
+  os.rename(best, tmp_path / ".best.replaced-x1")  # killed after 1st rename
   io_utils.recover_replaced_dir(str(best))
   assert (best / "value").read_text() == "new"
   io_utils.recover_replaced_dir(str(best))  # nothing to do
   assert sorted(os.listdir(tmp_path)) == ["best"]
+  # The aside name of runs before 2026-11-24.
+  os.rename(best, str(best) + ".old")
+  io_utils.recover_replaced_dir(str(best))
+  assert sorted(os.listdir(tmp_path)) == ["best"]
+
+
+def test_replacing_a_directory_keeps_the_users_dot_old(tmp_path):
+  """``<dst>.old`` was the aside name: replacing a data_prep --output
+  deleted the user's own ``<output>.old`` (or failed when it was a file)."""
+  out, theirs, stale = (tmp_path / "out", tmp_path / "out.old",
+                        tmp_path / ".out.replaced-killed")
+  for d in (out, theirs, stale):
+    d.mkdir()
+  (theirs / "IMPORTANT.txt").write_text("backup")
+  staging = tmp_path / "staging"
+  staging.mkdir()
+  (staging / "value").write_text("new")
+  io_utils.atomic_replace_dir(str(staging), str(out))
+  assert (out / "value").read_text() == "new"
+  assert (theirs / "IMPORTANT.txt").read_text() == "backup"
+  assert sorted(os.listdir(tmp_path)) == ["out", "out.old"]  # stale removed

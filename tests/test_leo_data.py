@@ -227,6 +227,11 @@ def test_other_globals_are_refused(tmp_path):
      "must be a 2-D float array"),
     (lambda r: r["embeddings"].__setitem__((3, 1), np.nan),
      "embedding 3 \\(.*\\) is not finite"),
+    # These two were a ValueError and a TypeError traceback.
+    (lambda r: r.update(embeddings=[[0.5, 0.5], [0.5]]),
+     "'keys' and 'embeddings' must be arrays"),
+    (lambda r: r.update({0: 1}) or r.pop("embeddings"),
+     "expected a dict with 'keys' and 'embeddings', found \\['keys', 0\\]"),
 ])
 def test_malformed_files_are_named(tmp_path, mutate, message):
   splits = small_splits()
@@ -235,6 +240,20 @@ def test_malformed_files_are_named(tmp_path, mutate, message):
   with pytest.raises(data.EmbeddingsError, match=message) as error:
     data.load_split(DataConfig(root), "train")
   assert "train_embeddings.pkl" in str(error.value)
+
+
+def test_an_empty_protocol_2_array_is_not_called_unsafe(tmp_path):
+  """Protocol 2 writes an empty array's data as ``bytes()``, which was
+  refused as if it could run code; ``bytes`` with arguments still is."""
+  path = tmp_path / "e.pkl"
+  empty = {"keys": np.array([], "<U8"), "embeddings": np.zeros((0, 4))}
+  path.write_bytes(pickle.dumps(empty, protocol=2))
+  loaded = data.load_pickle(str(path))
+  assert loaded["embeddings"].shape == (0, 4)
+  path.write_bytes(b"c__builtin__\nbytes\n(I1000000000000\ntR.")
+  with pytest.raises(data.UnsafePickleError, match="bytes\\(...\\) with "
+                     "arguments"):
+    data.load_pickle(str(path))
 
 
 def test_missing_files_and_bad_flags_are_named(tmp_path):

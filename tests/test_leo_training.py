@@ -190,13 +190,16 @@ def test_best_checkpoint_of_step_zero_is_tested(small_root, tmp_path):
 def test_missing_checkpoint_and_width_mismatch_are_reported(small_root,
                                                             tmp_path):
   dc = DataConfig(small_root, total_examples_per_class=30)
+  run_dir = tmp_path / "run"
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     experiment.run(dc, model_config(), outer_config(
-        tmp_path, evaluation_mode=True), jit_compile=False)
+        run_dir, evaluation_mode=True), jit_compile=False)
   with pytest.raises(data.EmbeddingsError, match="embeddings are 32-d, the "
                      "model expects 640"):
-    experiment.run(dc, ModelConfig(), outer_config(tmp_path),
+    experiment.run(dc, ModelConfig(), outer_config(run_dir),
                    jit_compile=False)
+  # Neither left a run directory (it used to get a TensorBoard file).
+  assert not run_dir.exists()
 
 
 # Runs experiment.run in a fresh process, as runner.py does: the XLA cache is

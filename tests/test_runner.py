@@ -183,3 +183,21 @@ def test_bad_flags_are_named(tmp_path, flag, message):
   assert "runner.py: error: " in proc.stderr and message in proc.stderr
   assert len(proc.stderr.splitlines()) < 20  # not absl's help of every flag
   assert not list(tmp_path.iterdir())
+
+
+def test_unusable_run_directory_is_named(tmp_path):
+  """A run directory that is a file, or under one, was a traceback from
+  TensorFlow's summary writer (LEO's --checkpoint_path: FileExistsError)."""
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  proc = run(SINE + [f"--logdir={blocker}"], check=False)
+  assert proc.returncode != 0
+  assert (f"runner.py: error: --logdir: cannot use the run directory "
+          f"{blocker}/") in proc.stderr
+  assert f"{blocker} is a file, not a directory" in proc.stderr
+  proc = run_python(["runner.py", f"--checkpoint_path={blocker}",
+                     f"--leo_synthetic_dir={tmp_path / 'syn'}"])
+  assert proc.returncode != 0
+  assert (f"runner.py: error: --checkpoint_path: cannot use the run "
+          f"directory {blocker}: {blocker} is a file") in proc.stderr
+  assert not (tmp_path / "syn").exists()  # refused before generating data

@@ -14,7 +14,9 @@ and read only in this file; everything below gets frozen config dataclasses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import getpass
 import json
 import math
@@ -713,16 +715,64 @@ def _maml_main() -> None:
   # get anything (the Trainer opens its TensorBoard file).
   trainer = training.Trainer(learner, config)
   if FLAGS.train:
-    record_flags(run_dir, trainer)
-    result = trainer.train(train_source, val_source)
+    with trainer.using_run_directory(exclusive=True), _stop_on_signals(
+        trainer) as stopped_by:
+      record_flags(run_dir, trainer)
+      result = trainer.train(train_source, val_source)
     logging.info("Training done: %s", result)
+    _exit_if_stopped(result, stopped_by)
     if FLAGS.test_after_train:
-      _evaluate_and_report(learner, trainer, test_source, "test")
+      with trainer.using_run_directory(exclusive=False):
+        _evaluate_and_report(learner, trainer, test_source, "test")
     return
-  trainer.restore(checkpoint)
-  split = "test" if FLAGS.test_set else "val"
-  _evaluate_and_report(learner, trainer,
-                       test_source if FLAGS.test_set else val_source, split)
+  with trainer.using_run_directory(exclusive=False):
+    trainer.restore(checkpoint)
+    split = "test" if FLAGS.test_set else "val"
+    _evaluate_and_report(learner, trainer,
+                         test_source if FLAGS.test_set else val_source, split)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer):
+  """While training: SIGTERM (a scheduler preempting the job) and SIGINT
+  (Ctrl-C) end it after the current call, with a checkpoint of the step
+  reached; a second signal stops at once. They used to stop it at once, with
+  a traceback from inside TensorFlow (SIGINT) or no message (SIGTERM), and
+  the steps since the last checkpoint lost.
+
+  Yields:
+    A list that gets the number of the signal that stopped training.
+  """
+  import signal
+  received = []
+
+  def handler(signum, frame):
+    if received or not trainer.in_training:  # (LEO: validating, testing)
+      raise KeyboardInterrupt
+    received.append(signum)
+    trainer.stop_requested.set()
+    logging.warning("%s: stopping after the current call, with a checkpoint "
+                    "(send it again to stop at once).",
+                    signal.Signals(signum).name)
+
+  previous = {s: signal.signal(s, handler)
+              for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield received
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _exit_if_stopped(result: dict | None, stopped_by: list) -> None:
+  """Ends the process as the signal that stopped training asked (exit status
+  128 + its number, so a scheduler sees the job unfinished), in one line."""
+  if result and result.get("stopped") and stopped_by:
+    import signal
+    sys.stderr.write(
+        f"runner.py: stopped by {signal.Signals(stopped_by[0]).name} at step "
+        f"{result['step']}, with a checkpoint; the same command resumes.\n")
+    sys.exit(128 + stopped_by[0])
 
 
 def _test_checkpoint(run_dir: str) -> str:
@@ -989,17 +1039,24 @@ def _leo_main() -> None:
   from leo import experiment
   tf.random.set_seed(FLAGS.seed)
   steps_per_call = 1 if FLAGS.steps_per_call == -1 else FLAGS.steps_per_call
-  try:
-    results = experiment.run(
-        data_config, model_config, outer, seed=FLAGS.seed,
-        jit_compile=FLAGS.jit_compile, steps_per_call=steps_per_call,
-        test_after_train=FLAGS.test_after_train, log=FLAGS.log,
-        # Once the data has loaded: a failing command leaves the flags of
-        # the run already in the directory as they were.
-        before_training=lambda trainer: record_flags(outer.checkpoint_path,
-                                                     trainer))
-  except experiment.DATA_ERRORS as e:
-    raise app.UsageError(str(e)) from e
+  with contextlib.ExitStack() as signals:
+    stopped_by = []
+
+    def before_training(trainer):
+      # Once the data has loaded: a failing command leaves the flags of the
+      # run already in the directory as they were.
+      record_flags(outer.checkpoint_path, trainer)
+      stopped_by.append(signals.enter_context(_stop_on_signals(trainer)))
+
+    try:
+      results = experiment.run(
+          data_config, model_config, outer, seed=FLAGS.seed,
+          jit_compile=FLAGS.jit_compile, steps_per_call=steps_per_call,
+          test_after_train=FLAGS.test_after_train, log=FLAGS.log,
+          before_training=before_training)
+    except experiment.DATA_ERRORS as e:
+      raise app.UsageError(str(e)) from e
+  _exit_if_stopped(results["train"], stopped_by[0] if stopped_by else [])
   test = results["test"]
   if test is not None:
     print(f"\nMetatest accuracy: {test['accuracy']:.4f} ± {test['ci95']:.4f} "
@@ -1092,16 +1149,38 @@ def main(argv) -> None:
 def _main(argv) -> None:
   """``main``, with a usage error reported in one line: absl would print
   the help of every flag of this module (some 300 lines) above it."""
-  from maml_tf.io_utils import CheckpointUnreadableError
+  from maml_tf.io_utils import (CheckpointUnreadableError,
+                                RunDirectoryBusyError)
   try:
     main(argv)
   except app.UsageError as e:
     sys.stderr.write(f"runner.py: error: {e}\n(python runner.py --helpfull "
                      "lists every flag.)\n")
     sys.exit(1)
-  except CheckpointUnreadableError as e:  # a damaged run directory
+  # A damaged or busy run directory.
+  except (CheckpointUnreadableError, RunDirectoryBusyError) as e:
     sys.stderr.write(f"runner.py: error: {e}\n")
     sys.exit(1)
+  except KeyboardInterrupt:  # (a second Ctrl-C, or one outside training)
+    sys.stderr.write("runner.py: interrupted; the same command resumes from "
+                     "the run's last checkpoint.\n")
+    sys.exit(130)
+  except Exception as e:  # a full disk: one line, not TensorFlow's traceback
+    if not _is_disk_full(e):
+      raise
+    sys.stderr.write(f"runner.py: error: the disk is full ({e}); the same "
+                     "command resumes from the run's last complete "
+                     "checkpoint once there is space.\n")
+    sys.exit(1)
+
+
+def _is_disk_full(error: Exception) -> bool:
+  if isinstance(error, OSError):
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+  tf = sys.modules.get("tensorflow")
+  return (tf is not None and isinstance(error, tf.errors.OpError) and
+          ("No space left on device" in str(error) or
+           "Disk quota exceeded" in str(error)))
 
 
 if __name__ == "__main__":

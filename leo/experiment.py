@@ -103,7 +103,8 @@ def checkpoint_to_test(run_dir: str) -> tuple[str, str]:
 
 def evaluate_test(learner: LEO, trainer: Trainer, test_source,
                   outer: OuterConfig, jit_compile: bool = True) -> dict:
-  """Restores the best checkpoint and evaluates the test tasks.
+  """Restores the best checkpoint and evaluates the test tasks, holding the
+  run directory's shared lock (no training process writes it meanwhile).
 
   Writes ``metatest.{csv,json,npz}`` into the run directory (atomically) and
   ``metatest/query_accuracy`` to TensorBoard.
@@ -114,23 +115,26 @@ def evaluate_test(learner: LEO, trainer: Trainer, test_source,
 
   Raises:
     FileNotFoundError: if the run directory holds no checkpoint.
+    io_utils.RunDirectoryBusyError: if another process is training there.
   """
   run_dir = outer.checkpoint_path
-  path, which = checkpoint_to_test(run_dir)
-  if which == "latest":
-    logging.warning("No %s in %s: testing the latest checkpoint %s.",
-                    BEST_DIR, run_dir, path)
-  step = trainer.restore(path, weights_only=True)
-  num_tasks = outer.num_metatest_tasks_rounded
-  logging.info("Meta-testing the %s checkpoint (step %d) on %d tasks, %d per "
-               "call...", which, step, num_tasks, outer.eval_batch_size)
-  result = evaluation.evaluate(learner.evaluate, test_source, num_tasks,
-                               outer.eval_batch_size, jit_compile=jit_compile)
-  result.warn_nonfinite()
-  paths = result.write(run_dir, RESULTS_BASENAME)
-  summary = result.summary["query_accuracy"]
-  trainer.write_eval_summaries("metatest", result.values, step)
-  trainer.writer.flush()
+  with trainer.using_run_directory(exclusive=False):
+    path, which = checkpoint_to_test(run_dir)
+    if which == "latest":
+      logging.warning("No %s in %s: testing the latest checkpoint %s.",
+                      BEST_DIR, run_dir, path)
+    step = trainer.restore(path, weights_only=True)
+    num_tasks = outer.num_metatest_tasks_rounded
+    logging.info("Meta-testing the %s checkpoint (step %d) on %d tasks, %d "
+                 "per call...", which, step, num_tasks, outer.eval_batch_size)
+    result = evaluation.evaluate(learner.evaluate, test_source, num_tasks,
+                                 outer.eval_batch_size,
+                                 jit_compile=jit_compile)
+    result.warn_nonfinite()
+    paths = result.write(run_dir, RESULTS_BASENAME)
+    summary = result.summary["query_accuracy"]
+    trainer.write_eval_summaries("metatest", result.values, step)
+    trainer.writer.flush()
   return {"accuracy": float(summary["mean"]), "ci95": float(summary["ci95"]),
           "num_tasks": num_tasks, "step": step, "checkpoint": path,
           "which": which, "seconds": result.seconds, "paths": paths}
@@ -191,21 +195,26 @@ def run(data_config: DataConfig, model_config: ModelConfig,
       data_lib.embeddings_file(data_config, "test")
     sources = load(("train", "val"))
     trainer = Trainer(learner, config)
-    if before_training is not None:
-      before_training(trainer)
-    start = trainer.restore()
-    # Fresh or resumed, the validation is traced first (the XLA cache
-    # matches programs by name, and names follow the order of tracing).
-    trainer.trace_validation(sources["val"])
-    if start == 0:
-      validate_at_start(trainer, sources["val"])
-    results["train"] = trainer.train(sources["train"], sources["val"])
+    # Everything that writes the run directory, the step-0 best checkpoint
+    # included, under its exclusive lock.
+    with trainer.using_run_directory(exclusive=True):
+      if before_training is not None:
+        before_training(trainer)
+      start = trainer.restore()
+      # Fresh or resumed, the validation is traced first (the XLA cache
+      # matches programs by name, and names follow the order of tracing).
+      trainer.trace_validation(sources["val"])
+      if start == 0:
+        validate_at_start(trainer, sources["val"])
+      results["train"] = trainer.train(sources["train"], sources["val"])
     logging.info("Meta-training done: %s", results["train"])
     del sources  # the test split is loaded after the train split is freed
+    if results["train"].get("stopped"):
+      return results
   if outer.evaluation_mode or test_after_train:
     evaluation_only = trainer is None
-    if evaluation_only:
-      checkpoint_to_test(outer.checkpoint_path)  # before loading the data
+    if evaluation_only and not os.path.isdir(outer.checkpoint_path):
+      checkpoint_to_test(outer.checkpoint_path)  # raises, before the data
     test_source = load(("test",))["test"]
     if evaluation_only:
       trainer = Trainer(learner, config)

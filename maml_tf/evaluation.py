@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from maml_tf.io_utils import atomic_write
+from maml_tf.io_utils import atomic_write_files
 from maml_tf.tasks import TaskBatch
 
 Z95 = 1.96
@@ -121,11 +121,11 @@ class EvalResult:
     atomically. Returns the paths."""
     paths = [os.path.join(directory, basename + ext)
              for ext in (".csv", ".json", ".npz")]
-    atomic_write(paths[0], self.to_csv())
-    atomic_write(paths[1], json.dumps(self.to_json(), indent=1))
     buffer = io.BytesIO()
     np.savez(buffer, **self.values)
-    atomic_write(paths[2], buffer.getvalue())
+    atomic_write_files(dict(zip(paths, (
+        self.to_csv(), json.dumps(self.to_json(), indent=1),
+        buffer.getvalue()))))
     return paths
 
   def warn_nonfinite(self) -> None:

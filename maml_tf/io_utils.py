@@ -4,9 +4,11 @@ absent, and a damaged input file is named, not a traceback."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import shutil
+import socket
 import tempfile
 
 import numpy as np
@@ -57,20 +59,9 @@ def make_temp_dir(prefix: str, parent: str) -> str:
 def atomic_path(path: str):
   """Yields a temporary path beside ``path``; renames it over ``path`` on
   success and deletes it on failure, so readers never see a partial file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-",
-                             dir=directory)
-  os.close(fd)
-  try:
+  with _temporary_file(path) as tmp:
     yield tmp
-    if os.path.isfile(tmp):
-      os.chmod(tmp, umask_mode(0o666))
     os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def atomic_write(path: str, data: str | bytes) -> None:
@@ -78,6 +69,92 @@ def atomic_write(path: str, data: str | bytes) -> None:
   with atomic_path(path) as tmp:
     with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
       f.write(data)
+
+
+def atomic_write_files(contents: dict[str, str | bytes]) -> None:
+  """Writes several files (path -> data) that belong together: all of them
+  are written to temporary files first and renamed one after the other at
+  the end, so a kill leaves the old set or the new one, but for a window of
+  a few renames (``atomic_write`` one by one left a mixed set when killed
+  between two files). Temporary files that an earlier, killed write left
+  beside these paths are removed."""
+  with contextlib.ExitStack() as stack:
+    temps = {}
+    for path, data in contents.items():
+      directory, name = os.path.split(os.path.abspath(path))
+      for stale in glob.glob(os.path.join(
+          glob.escape(directory), glob.escape(f".tmp-{name}-") + "*")):
+        os.remove(stale)
+      temps[path] = stack.enter_context(_temporary_file(path))
+      with open(temps[path], "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    for path, tmp in temps.items():
+      os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _temporary_file(path: str):
+  """A temporary file beside ``path`` (readable as ``open`` would make it),
+  removed on failure unless it has been renamed."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-",
+                             dir=directory)
+  os.close(fd)
+  os.chmod(tmp, umask_mode(0o666))
+  try:
+    yield tmp
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+class RunDirectoryBusyError(RuntimeError):
+  """Another process is training in the run directory (or evaluating it,
+  when this one would train)."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_directory_lock(run_dir: str, exclusive: bool):
+  """Holds a lock on ``run_dir`` (``flock`` on ``run_dir/.lock``): exclusive
+  to train, shared to evaluate. Two runs of one command in one directory used
+  to train side by side, or crash each other's best-checkpoint writes. The
+  kernel releases the lock when the process ends, however it ends, so a
+  killed run never leaves the directory locked. (``flock`` may not lock
+  across the hosts of a network file system.)
+
+  Raises:
+    RunDirectoryBusyError: naming the directory and, for a training
+      process, its pid and host.
+  """
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode(0o666))
+  try:
+    try:
+      fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                  | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+      raise RunDirectoryBusyError(
+          f"{run_dir} is in use by another process ("
+          + (f"training: pid {holder}" if holder else "evaluating")
+          + "); wait for it to finish, or use another run directory"
+      ) from None
+    if exclusive:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+      yield
+    finally:
+      if exclusive:
+        os.ftruncate(fd, 0)
+  finally:
+    os.close(fd)
 
 
 def _aside(dst: str) -> tuple[str, str]:

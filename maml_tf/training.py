@@ -27,11 +27,15 @@ sinusoid are not bound by per-call overhead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
+import re
 import shutil
+import threading
 import time
 from typing import Callable
 
@@ -42,6 +46,7 @@ from absl import logging
 
 from maml_tf import data as data_lib
 from maml_tf import evaluation
+from maml_tf import io_utils
 from maml_tf.io_utils import (CheckpointUnreadableError, atomic_replace_dir,
                                atomic_write, recover_replaced_dir)
 from maml_tf.tasks import TaskBatch
@@ -209,6 +214,11 @@ class Trainer:
         max_to_keep=config.max_to_keep, checkpoint_name="model")
     self._functions: dict = {}
     self.best_value = -math.inf
+    # Set (by a signal handler, say) to end ``train`` after the current
+    # call, with a checkpoint of the step reached.
+    self.stop_requested = threading.Event()
+    self.in_training = False  # inside train's loop of compiled calls
+    self._lock_depth = 0
     if config.log:
       os.makedirs(config.run_dir, exist_ok=True)
       self.writer = tf.summary.create_file_writer(config.run_dir)
@@ -367,7 +377,7 @@ class Trainer:
       return int(self.step.numpy())
     # The latest readable checkpoint: a damaged file (a full disk, a copy
     # cut short) costs the steps since the one before it, not the run.
-    checkpoints = self.manager.checkpoints
+    checkpoints = self._checkpoints()
     for i in reversed(range(len(checkpoints))):
       try:
         self._read(checkpoints[i], weights_only)
@@ -380,6 +390,44 @@ class Trainer:
         logging.warning("%s; resuming from %s instead.", e,
                         checkpoints[i - 1])
     return int(self.step.numpy())
+
+  def _checkpoints(self) -> list[str]:
+    """The checkpoints in ``run_dir/checkpoints``, oldest first: those the
+    manager's state file lists, and any complete one it does not (a run
+    killed between writing a checkpoint and the state file)."""
+    listed = list(self.manager.checkpoints)
+    for index in glob.glob(os.path.join(
+        glob.escape(self.manager.directory), "model-*.index")):
+      prefix = index[:-len(".index")]
+      if prefix not in listed:
+        listed.append(prefix)
+
+    def number(prefix):
+      found = re.search(r"-(\d+)$", prefix)
+      return int(found.group(1)) if found else -1
+    return sorted(listed, key=number)
+
+  @contextlib.contextmanager
+  def using_run_directory(self, exclusive: bool):
+    """Holds the run directory's lock (``io_utils.run_directory_lock``):
+    exclusive to train, shared to evaluate; re-entrant in this trainer.
+
+    Raises:
+      io_utils.RunDirectoryBusyError: another process holds it.
+    """
+    if self._lock_depth:
+      self._lock_depth += 1
+      try:
+        yield
+      finally:
+        self._lock_depth -= 1
+      return
+    with io_utils.run_directory_lock(self.config.run_dir, exclusive):
+      self._lock_depth = 1
+      try:
+        yield
+      finally:
+        self._lock_depth = 0
 
   def _read(self, path: str, weights_only: bool) -> None:
     """Reads checkpoint ``path`` into the learner (and optimiser)."""
@@ -472,16 +520,34 @@ class Trainer:
         val_source, 0, self._validation_sizes()[1]))
 
   def train(self, train_source, val_source=None) -> dict:
-    """Runs (or resumes) meta-training to ``total_iterations``.
+    """Runs (or resumes) meta-training to ``total_iterations``, holding the
+    run directory's exclusive lock (``using_run_directory``).
+
+    ``stop_requested`` ends it early, after the current call, with a
+    checkpoint of the step reached.
 
     Returns:
-      ``{"step", "seconds", "first_call_seconds", "nonfinite_steps"}``: the
-      final step, the wall time, the first compiled call's time and the
-      number of steps skipped as non-finite; only ``{"step"}`` when the run
-      had already reached ``total_iterations``.
+      ``{"step", "seconds", "first_call_seconds", "nonfinite_steps",
+      "stopped"}``: the final step, the wall time, the first compiled call's
+      time, the number of steps skipped as non-finite and whether
+      ``stop_requested`` ended it; only ``{"step"}`` when the run had already
+      reached ``total_iterations``.
     """
+    with self.using_run_directory(exclusive=True):
+      self.in_training = True
+      try:
+        return self._train(train_source, val_source)
+      finally:
+        self.in_training = False
+
+  def _train(self, train_source, val_source) -> dict:
     c = self.config
     os.makedirs(c.run_dir, exist_ok=True)
+    # A save killed midway leaves TensorFlow's staging folder; nothing else
+    # writes here while the lock is held.
+    for staging in glob.glob(os.path.join(
+        glob.escape(self.manager.directory), "*_temp")):
+      shutil.rmtree(staging, ignore_errors=True)
     if c.resume:
       self.restore()
     evaluation.align_trace_names()
@@ -595,9 +661,16 @@ class Trainer:
           self.best_value = summary[c.keep_best]
           self.save_best(self.best_value)
         window_start = time.time()
-      if step % c.save_every == 0 or step == total:
+      saved = step % c.save_every == 0 or step == total
+      if saved:
         self.save()
         window_start = time.time()
+      if self.stop_requested.is_set() and step < total:
+        if not saved:
+          self.save()
+        logging.warning("Stopped at step %d of %d, as requested; the same "
+                        "command resumes from this checkpoint.", step, total)
+        break
       fetch_start = time.time()
     writer.flush()
     wall = time.time() - wall_start
@@ -607,7 +680,7 @@ class Trainer:
           "%d of %d steps were skipped: their loss or gradients were not "
           "finite (metatrain/nonfinite_steps in TensorBoard).", skipped, step)
     return {"step": step, "seconds": wall, "first_call_seconds": first_call,
-            "nonfinite_steps": skipped}
+            "nonfinite_steps": skipped, "stopped": step < total}
 
 
 def finite_mean(values: list) -> float:

@@ -72,3 +72,33 @@ def test_replacing_a_directory_keeps_the_users_dot_old(tmp_path):
   assert (out / "value").read_text() == "new"
   assert (theirs / "IMPORTANT.txt").read_text() == "backup"
   assert sorted(os.listdir(tmp_path)) == ["out", "out.old"]  # stale removed
+
+
+def test_run_directory_lock(tmp_path):
+  """Exclusive to train, shared to evaluate; released when the holder
+  closes it (or dies: the kernel releases flock locks of a dead process)."""
+  run_dir = str(tmp_path / "run")
+  with io_utils.run_directory_lock(run_dir, exclusive=True):
+    for exclusive in (True, False):
+      with pytest.raises(io_utils.RunDirectoryBusyError,
+                         match=f"{run_dir} is in use by another process "
+                         rf"\(training: pid {os.getpid()} on "):
+        with io_utils.run_directory_lock(run_dir, exclusive):
+          pass
+  with io_utils.run_directory_lock(run_dir, exclusive=False):
+    with io_utils.run_directory_lock(run_dir, exclusive=False):
+      pass  # evaluations share it
+    with pytest.raises(io_utils.RunDirectoryBusyError, match="evaluating"):
+      with io_utils.run_directory_lock(run_dir, exclusive=True):
+        pass
+  with io_utils.run_directory_lock(run_dir, exclusive=True):
+    pass  # free again
+
+
+def test_files_written_together_replace_a_killed_writes_leftovers(tmp_path):
+  (tmp_path / "r.csv").write_text("old")
+  (tmp_path / ".tmp-r.json-killed").write_text("partial")  # SIGKILL's
+  io_utils.atomic_write_files({str(tmp_path / "r.csv"): "new",
+                               str(tmp_path / "r.json"): b"{}"})
+  assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.json"]
+  assert (tmp_path / "r.csv").read_text() == "new"

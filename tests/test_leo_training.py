@@ -347,3 +347,18 @@ def test_runner_flagfile_and_missing_embeddings(tmp_path):
   # The flagfile's dataset is the one looked for; a failed start writes no
   # flags into the run directory.
   assert not (tmp_path / "run" / "flags.json").exists()
+
+
+def test_a_stop_request_ends_training_without_testing(small_root, tmp_path):
+  """runner.py's SIGTERM/Ctrl-C handler sets ``stop_requested``: LEO then
+  saves the step reached and skips the test, which the next run does."""
+  dc = DataConfig(small_root, total_examples_per_class=30)
+  outer = outer_config(tmp_path, num_steps_limit=6, checkpoint_steps=6)
+  results = experiment.run(
+      dc, model_config(), outer, jit_compile=False,
+      before_training=lambda trainer: trainer.stop_requested.set())
+  assert results["train"]["stopped"] and results["train"]["step"] == 1
+  assert results["test"] is None
+  assert (tmp_path / "checkpoints" / "model-1.index").exists()
+  again = experiment.run(dc, model_config(), outer, jit_compile=False)
+  assert again["train"]["step"] == 6 and again["test"] is not None

@@ -2,6 +2,11 @@
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 import tensorflow as tf
@@ -201,3 +206,42 @@ def test_unusable_run_directory_is_named(tmp_path):
   assert (f"runner.py: error: --checkpoint_path: cannot use the run "
           f"directory {blocker}: {blocker} is a file") in proc.stderr
   assert not (tmp_path / "syn").exists()  # refused before generating data
+
+
+def test_sigterm_saves_and_a_second_run_of_the_directory_is_refused(tmp_path):
+  """SIGTERM (a scheduler's preemption) used to end the run at once with no
+  message, losing the steps since the last checkpoint; and a second run of
+  the same command trained into the same directory beside the first."""
+  args = SINE + [f"--logdir={tmp_path}", "--metatrain_iterations=1000000",
+                 "--steps_per_call=100", "--save_interval=100000",
+                 "--print_interval=100", "--val_interval=0",
+                 "--num_test_tasks=10",
+                 "--jit_compile=False", "--xla_cache_dir="]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  first = subprocess.Popen([sys.executable, "runner.py", *args], cwd=REPO,
+                           env=env, stderr=subprocess.PIPE, text=True)
+  watchdog = threading.Timer(300, first.kill)
+  watchdog.start()
+  try:
+    for line in first.stderr:
+      if " steps/s | ETA" in line:
+        break  # training, past the first call
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    second = run(args, check=False)
+    assert second.returncode == 1
+    assert (f"runner.py: error: {run_dir} is in use by another process "
+            f"(training: pid {first.pid} on ") in second.stderr
+    first.send_signal(signal.SIGTERM)
+    rest = first.stderr.read()
+    assert first.wait() == 128 + signal.SIGTERM
+  finally:
+    watchdog.cancel()
+    first.kill()
+  stopped = re.search(r"runner.py: stopped by SIGTERM at step (\d+), with a "
+                      "checkpoint; the same command resumes", rest)
+  assert stopped, rest[-2000:]
+  step = int(stopped.group(1))
+  assert (run_dir / "checkpoints" / f"model-{step}.index").exists()
+  resumed = run([a for a in args if not a.startswith("--metatrain_it")]
+                + [f"--metatrain_iterations={step + 100}"])
+  assert f"Meta-training from step {step} to {step + 100}" in resumed.stderr

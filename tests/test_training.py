@@ -50,6 +50,34 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
   assert "model-60.index" in ckpts and "model-40.index" in ckpts
 
 
+def test_a_stop_request_saves_and_the_run_resumes_the_same(tmp_path):
+  """``stop_requested`` (runner.py sets it on SIGTERM or Ctrl-C) ends the
+  run after the current call with a checkpoint of that step, and the
+  resumed run ends as an uninterrupted one."""
+  train, val = sine_sources()
+  kwargs = dict(jit=False, save_every=40, val_every=0)
+  straight = make_trainer(tmp_path / "a", 60, **kwargs)
+  straight.train(train, val)
+  stopped = make_trainer(tmp_path / "b", 60, **kwargs)
+  stopped.stop_requested.set()
+  result = stopped.train(train, val)
+  assert result["stopped"] and result["step"] == 10  # one call of 10 steps
+  assert not straight.stop_requested.is_set() and not stopped.in_training
+  # A save killed midway leaves TensorFlow's staging folder, and a kill
+  # before the manager's state file is written leaves a checkpoint it does
+  # not list.
+  checkpoints = tmp_path / "b" / "checkpoints"
+  (checkpoints / "model-20_temp").mkdir()
+  (checkpoints / "checkpoint").unlink()
+  resumed = make_trainer(tmp_path / "b", 60, **kwargs)
+  assert resumed.restore() == 10
+  assert not resumed.train(train, val)["stopped"]
+  assert not (checkpoints / "model-20_temp").exists()
+  for a, b in zip(straight.learner.trainable_variables,
+                  resumed.learner.trainable_variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_short_sinusoid_run_learns(tmp_path):
   train, _ = sine_sources()
   trainer = make_trainer(tmp_path, 1500, steps_per_call=100, log_every=500,

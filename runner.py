@@ -1168,8 +1168,9 @@ def _main(argv) -> None:
   except Exception as e:  # a full disk: one line, not TensorFlow's traceback
     if not _is_disk_full(e):
       raise
-    sys.stderr.write(f"runner.py: error: the disk is full ({e}); the same "
-                     "command resumes from the run's last complete "
+    first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    sys.stderr.write(f"runner.py: error: the disk is full ({first_line}); "
+                     "the same command resumes from the run's last complete "
                      "checkpoint once there is space.\n")
     sys.exit(1)
 

@@ -218,7 +218,7 @@ class Trainer:
     # call, with a checkpoint of the step reached.
     self.stop_requested = threading.Event()
     self.in_training = False  # inside train's loop of compiled calls
-    self._lock_depth = 0
+    self._lock_depth, self._lock_exclusive = 0, False
     if config.log:
       os.makedirs(config.run_dir, exist_ok=True)
       self.writer = tf.summary.create_file_writer(config.run_dir)
@@ -416,6 +416,9 @@ class Trainer:
       io_utils.RunDirectoryBusyError: another process holds it.
     """
     if self._lock_depth:
+      if exclusive and not self._lock_exclusive:
+        raise RuntimeError("the shared (evaluation) lock of the run "
+                           "directory is held; training needs it alone")
       self._lock_depth += 1
       try:
         yield
@@ -423,7 +426,7 @@ class Trainer:
         self._lock_depth -= 1
       return
     with io_utils.run_directory_lock(self.config.run_dir, exclusive):
-      self._lock_depth = 1
+      self._lock_depth, self._lock_exclusive = 1, exclusive
       try:
         yield
       finally:

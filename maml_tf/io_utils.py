@@ -145,8 +145,9 @@ def run_directory_lock(run_dir: str, exclusive: bool):
           + (f"training: pid {holder}" if holder else "evaluating")
           + "); wait for it to finish, or use another run directory"
       ) from None
+    # No training process holds it now: a killed one's pid goes.
+    os.ftruncate(fd, 0)
     if exclusive:
-      os.ftruncate(fd, 0)
       os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     try:
       yield

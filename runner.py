@@ -699,37 +699,46 @@ def _evaluate_and_report(learner, trainer, source, split: str) -> None:
 def _maml_main() -> None:
   import tensorflow as tf
 
-  from maml_tf import training
+  from maml_tf import io_utils, training
   _check_flags()
   tf.random.set_seed(FLAGS.seed)
   run_dir = os.path.join(FLAGS.logdir, experiment_string())
   _check_run_directory(run_dir, "--logdir", training=FLAGS.train)
   config = _train_config(run_dir)
   if not FLAGS.train:  # never silently evaluate random weights (the original)
-    checkpoint = _test_checkpoint(run_dir)
+    _test_checkpoint(run_dir)  # (fails before the data loads; chosen below)
     if not FLAGS.test_set:  # writes no scalars: no empty TensorBoard file
       config = dataclasses.replace(config, log=False)
   train_source, val_source, test_source = _task_sources()
   learner = _build_learner(_build_model())
   # Only now, with the flags and the data checked, does the run directory
-  # get anything (the Trainer opens its TensorBoard file).
-  trainer = training.Trainer(learner, config)
-  if FLAGS.train:
-    with trainer.using_run_directory(exclusive=True), _stop_on_signals(
-        trainer) as stopped_by:
-      record_flags(run_dir, trainer)
-      result = trainer.train(train_source, val_source)
-    logging.info("Training done: %s", result)
-    _exit_if_stopped(result, stopped_by)
-    if FLAGS.test_after_train:
-      with trainer.using_run_directory(exclusive=False):
+  # get anything (the lock; the Trainer's TensorBoard file). The lock comes
+  # first, so a run that is refused writes nothing else: exclusive to train;
+  # shared to test, with the checkpoint chosen under it (not one a training
+  # run has since replaced).
+  with io_utils.run_directory_lock(run_dir, exclusive=FLAGS.train):
+    trainer = training.Trainer(learner, config)
+    if FLAGS.train:
+      with _stop_on_signals(trainer) as stopped_by:
+        record_flags(run_dir, trainer)
+        result = trainer.train(train_source, val_source)
+      logging.info("Training done: %s", result)
+      _exit_if_stopped(result, stopped_by)
+      if FLAGS.test_after_train:
         _evaluate_and_report(learner, trainer, test_source, "test")
-    return
-  with trainer.using_run_directory(exclusive=False):
-    trainer.restore(checkpoint)
+      return
+    trainer.restore(_test_checkpoint(run_dir))
     split = "test" if FLAGS.test_set else "val"
     _evaluate_and_report(learner, trainer,
                          test_source if FLAGS.test_set else val_source, split)
+
+
+class _Signalled(KeyboardInterrupt):
+  """SIGTERM or SIGINT outside training (or a second one during it)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
 
 
 @contextlib.contextmanager
@@ -748,15 +757,17 @@ def _stop_on_signals(trainer):
 
   def handler(signum, frame):
     if received or not trainer.in_training:  # (LEO: validating, testing)
-      raise KeyboardInterrupt
+      raise _Signalled(signum)
     received.append(signum)
     trainer.stop_requested.set()
     logging.warning("%s: stopping after the current call, with a checkpoint "
                     "(send it again to stop at once).",
                     signal.Signals(signum).name)
 
-  previous = {s: signal.signal(s, handler)
-              for s in (signal.SIGTERM, signal.SIGINT)}
+  previous = {}
+  for s in (signal.SIGTERM, signal.SIGINT):
+    if signal.getsignal(s) is not signal.SIG_IGN:  # (a background job's)
+      previous[s] = signal.signal(s, handler)
   try:
     yield received
   finally:
@@ -767,7 +778,7 @@ def _stop_on_signals(trainer):
 def _exit_if_stopped(result: dict | None, stopped_by: list) -> None:
   """Ends the process as the signal that stopped training asked (exit status
   128 + its number, so a scheduler sees the job unfinished), in one line."""
-  if result and result.get("stopped") and stopped_by:
+  if result and stopped_by:  # (also when the signal came in the last call)
     import signal
     sys.stderr.write(
         f"runner.py: stopped by {signal.Signals(stopped_by[0]).name} at step "
@@ -786,12 +797,14 @@ def _test_checkpoint(run_dir: str) -> str:
       raise app.UsageError(f"--test_iter={FLAGS.test_iter}: no checkpoint "
                            f"{path}.")
     return path
-  path = tf.train.latest_checkpoint(directory)
-  if path is None:
+  from maml_tf import training
+  paths = training.checkpoints_in(directory) if os.path.isdir(
+      directory) else []
+  if not paths:
     raise app.UsageError(f"--train=False: no checkpoint in {directory}; "
                          "train first, or check --logdir and the flags that "
                          "name the run directory.")
-  return path
+  return paths[-1]
 
 
 # ------------------------------------------------------------------ LEO
@@ -1161,11 +1174,14 @@ def _main(argv) -> None:
   except (CheckpointUnreadableError, RunDirectoryBusyError) as e:
     sys.stderr.write(f"runner.py: error: {e}\n")
     sys.exit(1)
-  except KeyboardInterrupt:  # (a second Ctrl-C, or one outside training)
-    sys.stderr.write("runner.py: interrupted; the same command resumes from "
-                     "the run's last checkpoint.\n")
-    sys.exit(130)
+  except KeyboardInterrupt as e:  # (a second signal, or one outside training)
+    _report_interrupt(e)
   except Exception as e:  # a full disk: one line, not TensorFlow's traceback
+    interrupt = e.__context__ or e.__cause__
+    if isinstance(interrupt, KeyboardInterrupt):
+      # (Raised inside TensorFlow's C++ code, it can come out as another
+      # exception, a SystemError, with the interrupt as its context.)
+      _report_interrupt(interrupt)
     if not _is_disk_full(e):
       raise
     first_line = (str(e).strip().splitlines() or [""])[0][:300]
@@ -1173,6 +1189,15 @@ def _main(argv) -> None:
                      "the same command resumes from the run's last complete "
                      "checkpoint once there is space.\n")
     sys.exit(1)
+
+
+def _report_interrupt(interrupt: KeyboardInterrupt) -> None:
+  import signal
+  signum = getattr(interrupt, "signum", signal.SIGINT)
+  sys.stderr.write(f"runner.py: interrupted by {signal.Signals(signum).name};"
+                   " the same command resumes from the run's last "
+                   "checkpoint.\n")
+  sys.exit(128 + signum)
 
 
 def _is_disk_full(error: Exception) -> bool:

@@ -27,7 +27,7 @@ from absl import logging
 from leo import data as data_lib
 from leo.config import DataConfig, ModelConfig, OuterConfig
 from leo.model import LEO
-from maml_tf import evaluation
+from maml_tf import evaluation, io_utils
 from maml_tf.io_utils import recover_replaced_dir
 from maml_tf.training import Trainer, TrainConfig
 
@@ -185,32 +185,44 @@ def run(data_config: DataConfig, model_config: ModelConfig,
 
   learner = LEO(model_config)
   config = train_config(outer, seed, jit_compile, steps_per_call, log)
-  # The Trainer opens the run directory's TensorBoard file: it is made only
-  # once the data (and, to evaluate, a checkpoint) is known to be there, so
-  # a command that fails on its input leaves no directory behind.
-  trainer = None
+  run_dir = outer.checkpoint_path
+  # The run directory gets its lock, then the Trainer's TensorBoard file,
+  # only once the data (and, to evaluate, a checkpoint) is known to be
+  # there: a command that fails on its input, or is refused the lock, leaves
+  # nothing behind. Exclusive to train (the step-0 best checkpoint and the
+  # test after training included), shared to evaluate.
   results = {"train": None, "test": None}
-  if not outer.evaluation_mode:
-    if test_after_train:  # fail now, not after training, if it is missing
-      data_lib.embeddings_file(data_config, "test")
-    sources = load(("train", "val"))
+  if outer.evaluation_mode:
+    if not os.path.isdir(run_dir):
+      checkpoint_to_test(run_dir)  # raises, before the data loads
+    test_source = load(("test",))["test"]
+    with io_utils.run_directory_lock(run_dir, exclusive=False):
+      checkpoint_to_test(run_dir)  # raises before the Trainer writes
+      results["test"] = evaluate_test(learner, Trainer(learner, config),
+                                      test_source, outer, jit_compile)
+    return results
+  if test_after_train:  # fail now, not after training, if it is missing
+    data_lib.embeddings_file(data_config, "test")
+  sources = load(("train", "val"))
+  with io_utils.run_directory_lock(run_dir, exclusive=True):
     trainer = Trainer(learner, config)
-    # Everything that writes the run directory, the step-0 best checkpoint
-    # included, under its exclusive lock.
-    with trainer.using_run_directory(exclusive=True):
-      if before_training is not None:
-        before_training(trainer)
-      start = trainer.restore()
-      # Fresh or resumed, the validation is traced first (the XLA cache
-      # matches programs by name, and names follow the order of tracing).
-      trainer.trace_validation(sources["val"])
-      if start == 0:
-        validate_at_start(trainer, sources["val"])
-      results["train"] = trainer.train(sources["train"], sources["val"])
+    if before_training is not None:
+      before_training(trainer)
+    start = trainer.restore()
+    # Fresh or resumed, the validation is traced first (the XLA cache
+    # matches programs by name, and names follow the order of tracing).
+    trainer.trace_validation(sources["val"])
+    if start == 0:
+      validate_at_start(trainer, sources["val"])
+    results["train"] = trainer.train(sources["train"], sources["val"])
     logging.info("Meta-training done: %s", results["train"])
     del sources  # the test split is loaded after the train split is freed
-    if results["train"].get("stopped"):
-      return results
+    # A stop request (runner.py: SIGTERM, Ctrl-C) leaves the test to the
+    # next run, also when it came during the last call.
+    if test_after_train and not trainer.stop_requested.is_set():
+      results["test"] = evaluate_test(learner, trainer, load(("test",))["test"],
+                                      outer, jit_compile)
+  return results
   if outer.evaluation_mode or test_after_train:
     evaluation_only = trainer is None
     if evaluation_only and not os.path.isdir(outer.checkpoint_path):

@@ -38,6 +38,15 @@ def open_npy(path: str) -> np.ndarray:
   return array
 
 
+def remove_stale_temporary_files(directory: str) -> None:
+  """Removes the temporary files (``.tmp-*``) that writes killed midway left
+  in ``directory``. Only safe while no other process writes there (under
+  the run directory's exclusive lock)."""
+  for stale in glob.glob(os.path.join(glob.escape(directory), ".tmp-*")):
+    if os.path.isfile(stale):
+      os.remove(stale)
+
+
 def umask_mode(mode: int) -> int:
   """``mode`` less the process's umask: what ``open``/``mkdir`` would give.
   ``tempfile`` creates files 0600 and directories 0700, which would keep a
@@ -76,15 +85,10 @@ def atomic_write_files(contents: dict[str, str | bytes]) -> None:
   are written to temporary files first and renamed one after the other at
   the end, so a kill leaves the old set or the new one, but for a window of
   a few renames (``atomic_write`` one by one left a mixed set when killed
-  between two files). Temporary files that an earlier, killed write left
-  beside these paths are removed."""
+  between two files)."""
   with contextlib.ExitStack() as stack:
     temps = {}
     for path, data in contents.items():
-      directory, name = os.path.split(os.path.abspath(path))
-      for stale in glob.glob(os.path.join(
-          glob.escape(directory), glob.escape(f".tmp-{name}-") + "*")):
-        os.remove(stale)
       temps[path] = stack.enter_context(_temporary_file(path))
       with open(temps[path], "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
@@ -118,22 +122,42 @@ class RunDirectoryBusyError(RuntimeError):
 LOCK_FILE = ".lock"
 
 
+# Run directories this process holds locked: real path -> [fd, exclusive,
+# depth]. flock locks belong to an open file, so a second acquisition in the
+# same process must reuse the first instead of opening the file again.
+_HELD: dict[str, list] = {}
+
+
 @contextlib.contextmanager
 def run_directory_lock(run_dir: str, exclusive: bool):
   """Holds a lock on ``run_dir`` (``flock`` on ``run_dir/.lock``): exclusive
-  to train, shared to evaluate. Two runs of one command in one directory used
-  to train side by side, or crash each other's best-checkpoint writes. The
-  kernel releases the lock when the process ends, however it ends, so a
+  to train, shared to evaluate; re-entrant within a process (an exclusive
+  hold covers a shared request). Two runs of one command in one directory
+  used to train side by side, or crash each other's best-checkpoint writes.
+  The kernel releases the lock when the process ends, however it ends, so a
   killed run never leaves the directory locked. (``flock`` may not lock
   across the hosts of a network file system.)
 
   Raises:
     RunDirectoryBusyError: naming the directory and, for a training
       process, its pid and host.
+    RuntimeError: an exclusive request inside this process's shared hold.
   """
   os.makedirs(run_dir, exist_ok=True)
-  path = os.path.join(run_dir, LOCK_FILE)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode(0o666))
+  key = os.path.realpath(run_dir)
+  held = _HELD.get(key)
+  if held is not None:
+    if exclusive and not held[1]:
+      raise RuntimeError(f"{run_dir}: this process holds the shared "
+                         "(evaluation) lock; training needs it alone")
+    held[2] += 1
+    try:
+      yield
+    finally:
+      held[2] -= 1
+    return
+  fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT,
+               umask_mode(0o666))
   try:
     try:
       fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -149,9 +173,11 @@ def run_directory_lock(run_dir: str, exclusive: bool):
     os.ftruncate(fd, 0)
     if exclusive:
       os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD[key] = [fd, exclusive, 1]
     try:
       yield
     finally:
+      del _HELD[key]
       if exclusive:
         os.ftruncate(fd, 0)
   finally:

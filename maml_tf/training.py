@@ -27,7 +27,6 @@ sinusoid are not bound by per-call overhead.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -218,7 +217,6 @@ class Trainer:
     # call, with a checkpoint of the step reached.
     self.stop_requested = threading.Event()
     self.in_training = False  # inside train's loop of compiled calls
-    self._lock_depth, self._lock_exclusive = 0, False
     if config.log:
       os.makedirs(config.run_dir, exist_ok=True)
       self.writer = tf.summary.create_file_writer(config.run_dir)
@@ -392,45 +390,16 @@ class Trainer:
     return int(self.step.numpy())
 
   def _checkpoints(self) -> list[str]:
-    """The checkpoints in ``run_dir/checkpoints``, oldest first: those the
-    manager's state file lists, and any complete one it does not (a run
-    killed between writing a checkpoint and the state file)."""
-    listed = list(self.manager.checkpoints)
-    for index in glob.glob(os.path.join(
-        glob.escape(self.manager.directory), "model-*.index")):
-      prefix = index[:-len(".index")]
-      if prefix not in listed:
-        listed.append(prefix)
+    return checkpoints_in(self.manager.directory)
 
-    def number(prefix):
-      found = re.search(r"-(\d+)$", prefix)
-      return int(found.group(1)) if found else -1
-    return sorted(listed, key=number)
-
-  @contextlib.contextmanager
   def using_run_directory(self, exclusive: bool):
-    """Holds the run directory's lock (``io_utils.run_directory_lock``):
-    exclusive to train, shared to evaluate; re-entrant in this trainer.
+    """The run directory's lock (``io_utils.run_directory_lock``): exclusive
+    to train, shared to evaluate; re-entrant within the process.
 
     Raises:
       io_utils.RunDirectoryBusyError: another process holds it.
     """
-    if self._lock_depth:
-      if exclusive and not self._lock_exclusive:
-        raise RuntimeError("the shared (evaluation) lock of the run "
-                           "directory is held; training needs it alone")
-      self._lock_depth += 1
-      try:
-        yield
-      finally:
-        self._lock_depth -= 1
-      return
-    with io_utils.run_directory_lock(self.config.run_dir, exclusive):
-      self._lock_depth, self._lock_exclusive = 1, exclusive
-      try:
-        yield
-      finally:
-        self._lock_depth = 0
+    return io_utils.run_directory_lock(self.config.run_dir, exclusive)
 
   def _read(self, path: str, weights_only: bool) -> None:
     """Reads checkpoint ``path`` into the learner (and optimiser)."""
@@ -546,11 +515,13 @@ class Trainer:
   def _train(self, train_source, val_source) -> dict:
     c = self.config
     os.makedirs(c.run_dir, exist_ok=True)
-    # A save killed midway leaves TensorFlow's staging folder; nothing else
-    # writes here while the lock is held.
+    # A save or a results file killed midway leaves TensorFlow's staging
+    # folder or a temporary file; nothing else writes here while the lock
+    # is held.
     for staging in glob.glob(os.path.join(
         glob.escape(self.manager.directory), "*_temp")):
       shutil.rmtree(staging, ignore_errors=True)
+    io_utils.remove_stale_temporary_files(c.run_dir)
     if c.resume:
       self.restore()
     evaluation.align_trace_names()
@@ -684,6 +655,25 @@ class Trainer:
           "finite (metatrain/nonfinite_steps in TensorBoard).", skipped, step)
     return {"step": step, "seconds": wall, "first_call_seconds": first_call,
             "nonfinite_steps": skipped, "stopped": step < total}
+
+
+def checkpoints_in(directory: str) -> list[str]:
+  """The checkpoint prefixes in ``directory``, oldest first: those its
+  ``checkpoint`` state file lists, and any complete one it does not (a run
+  killed between writing a checkpoint and the state file)."""
+  state = tf.train.get_checkpoint_state(directory)
+  listed = list(state.all_model_checkpoint_paths) if state else []
+  listed = [p if os.path.isabs(p) else os.path.join(directory, p)
+            for p in listed]
+  for index in glob.glob(os.path.join(glob.escape(directory), "*.index")):
+    prefix = index[:-len(".index")]
+    if prefix not in listed:
+      listed.append(prefix)
+
+  def number(prefix):
+    found = re.search(r"-(\d+)$", prefix)
+    return int(found.group(1)) if found else -1
+  return sorted(listed, key=number)
 
 
 def finite_mean(values: list) -> float:

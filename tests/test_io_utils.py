@@ -1,5 +1,6 @@
 """Atomic output: complete or absent, readable as ordinary files are."""
 
+import fcntl
 import os
 import stat
 
@@ -75,30 +76,50 @@ def test_replacing_a_directory_keeps_the_users_dot_old(tmp_path):
 
 
 def test_run_directory_lock(tmp_path):
-  """Exclusive to train, shared to evaluate; released when the holder
-  closes it (or dies: the kernel releases flock locks of a dead process)."""
+  """Exclusive to train, shared to evaluate, re-entrant in a process;
+  another holder (here: another open file, as another process has) is
+  named. The kernel releases a dead process's lock."""
   run_dir = str(tmp_path / "run")
-  with io_utils.run_directory_lock(run_dir, exclusive=True):
-    for exclusive in (True, False):
-      with pytest.raises(io_utils.RunDirectoryBusyError,
-                         match=f"{run_dir} is in use by another process "
-                         rf"\(training: pid {os.getpid()} on "):
-        with io_utils.run_directory_lock(run_dir, exclusive):
-          pass
+
+  def other(exclusive, pid_line=""):
+    fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    os.pwrite(fd, pid_line.encode(), 0)
+    return fd
+
+  os.makedirs(run_dir)
+  fd = other(True, "4242 on elsewhere\n")
+  for exclusive in (True, False):
+    with pytest.raises(io_utils.RunDirectoryBusyError,
+                       match=f"{run_dir} is in use by another process "
+                       r"\(training: pid 4242 on elsewhere\)"):
+      with io_utils.run_directory_lock(run_dir, exclusive):
+        pass
+  os.close(fd)  # as when that process dies
+  fd = other(False)
   with io_utils.run_directory_lock(run_dir, exclusive=False):
+    pass  # evaluations share it
+  with pytest.raises(io_utils.RunDirectoryBusyError, match="evaluating"):
+    with io_utils.run_directory_lock(run_dir, exclusive=True):
+      pass
+  os.close(fd)
+  with io_utils.run_directory_lock(run_dir, exclusive=True):
     with io_utils.run_directory_lock(run_dir, exclusive=False):
-      pass  # evaluations share it
-    with pytest.raises(io_utils.RunDirectoryBusyError, match="evaluating"):
+      with io_utils.run_directory_lock(run_dir, exclusive=True):
+        pass  # re-entrant
+    with open(os.path.join(run_dir, ".lock")) as f:
+      assert f.read().startswith(f"{os.getpid()} on ")
+  with io_utils.run_directory_lock(run_dir, exclusive=False):
+    with pytest.raises(RuntimeError, match="holds the shared"):
       with io_utils.run_directory_lock(run_dir, exclusive=True):
         pass
-  with io_utils.run_directory_lock(run_dir, exclusive=True):
-    pass  # free again
 
 
-def test_files_written_together_replace_a_killed_writes_leftovers(tmp_path):
+def test_files_written_together_and_a_killed_writes_leftovers(tmp_path):
   (tmp_path / "r.csv").write_text("old")
   (tmp_path / ".tmp-r.json-killed").write_text("partial")  # SIGKILL's
   io_utils.atomic_write_files({str(tmp_path / "r.csv"): "new",
                                str(tmp_path / "r.json"): b"{}"})
-  assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.json"]
   assert (tmp_path / "r.csv").read_text() == "new"
+  io_utils.remove_stale_temporary_files(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.json"]

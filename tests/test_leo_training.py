@@ -1,6 +1,7 @@
 """LEO's training protocol: exact resume, learning, the NaN fallback, the best
 checkpoint, evaluation mode and the command line."""
 
+import fcntl
 import getpass
 import json
 import os
@@ -12,7 +13,7 @@ import tensorflow as tf
 from leo import data, experiment, synthetic
 from leo.config import DataConfig, ModelConfig, OuterConfig
 from leo.model import LEO
-from maml_tf import evaluation
+from maml_tf import evaluation, io_utils
 from maml_tf.training import Trainer
 from tests.conftest import run_python
 
@@ -362,3 +363,29 @@ def test_a_stop_request_ends_training_without_testing(small_root, tmp_path):
   assert (tmp_path / "checkpoints" / "model-1.index").exists()
   again = experiment.run(dc, model_config(), outer, jit_compile=False)
   assert again["train"]["step"] == 6 and again["test"] is not None
+
+
+def test_a_run_directory_in_use_is_refused_and_left_alone(small_root,
+                                                          tmp_path):
+  """Evaluating a directory that another process trains (here: holds the
+  lock through its own open file) is refused before anything is written;
+  so is a stop request in the last call's test (left to the next run)."""
+  dc = DataConfig(small_root, total_examples_per_class=30)
+  outer = outer_config(tmp_path, num_steps_limit=1, checkpoint_steps=1)
+  results = experiment.run(
+      dc, model_config(), outer, jit_compile=False,
+      before_training=lambda trainer: trainer.stop_requested.set())
+  assert results["train"]["step"] == 1 and results["test"] is None
+  before = sorted(os.listdir(tmp_path))
+  fd = os.open(tmp_path / ".lock", os.O_RDWR)
+  fcntl.flock(fd, fcntl.LOCK_EX)
+  try:
+    with pytest.raises(io_utils.RunDirectoryBusyError, match="in use"):
+      experiment.run(dc, model_config(), outer_config(
+          tmp_path, evaluation_mode=True), jit_compile=False)
+  finally:
+    os.close(fd)
+  assert sorted(os.listdir(tmp_path)) == before  # no new TensorBoard file
+  again = experiment.run(dc, model_config(), outer_config(
+      tmp_path, evaluation_mode=True), jit_compile=False)
+  assert again["test"]["step"] in (0, 1)

@@ -223,13 +223,3 @@ def run(data_config: DataConfig, model_config: ModelConfig,
       results["test"] = evaluate_test(learner, trainer, load(("test",))["test"],
                                       outer, jit_compile)
   return results
-  if outer.evaluation_mode or test_after_train:
-    evaluation_only = trainer is None
-    if evaluation_only and not os.path.isdir(outer.checkpoint_path):
-      checkpoint_to_test(outer.checkpoint_path)  # raises, before the data
-    test_source = load(("test",))["test"]
-    if evaluation_only:
-      trainer = Trainer(learner, config)
-    results["test"] = evaluate_test(learner, trainer, test_source, outer,
-                                    jit_compile)
-  return results

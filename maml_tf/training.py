@@ -375,7 +375,7 @@ class Trainer:
       return int(self.step.numpy())
     # The latest readable checkpoint: a damaged file (a full disk, a copy
     # cut short) costs the steps since the one before it, not the run.
-    checkpoints = self._checkpoints()
+    checkpoints = checkpoints_in(self.manager.directory)
     for i in reversed(range(len(checkpoints))):
       try:
         self._read(checkpoints[i], weights_only)
@@ -388,9 +388,6 @@ class Trainer:
         logging.warning("%s; resuming from %s instead.", e,
                         checkpoints[i - 1])
     return int(self.step.numpy())
-
-  def _checkpoints(self) -> list[str]:
-    return checkpoints_in(self.manager.directory)
 
   def using_run_directory(self, exclusive: bool):
     """The run directory's lock (``io_utils.run_directory_lock``): exclusive

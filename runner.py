@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import errno
 import getpass
+import glob
 import json
 import math
 import os
@@ -362,8 +363,9 @@ def _check_run_directory(run_dir: str, flag: str, training: bool) -> None:
     training: the command trains (else it only evaluates).
   """
   _check_writable_directory(run_dir, flag)
-  if training and not FLAGS.resume and os.path.exists(
-      os.path.join(run_dir, "checkpoints", "checkpoint")):
+  if training and not FLAGS.resume and (
+      os.path.exists(os.path.join(run_dir, "checkpoints", "checkpoint")) or
+      glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "*.index"))):
     raise app.UsageError(
         f"--resume=False: run directory {run_dir} already holds a run's "
         "checkpoints, which a new run would overwrite in part; choose "
@@ -1162,8 +1164,16 @@ def main(argv) -> None:
 def _main(argv) -> None:
   """``main``, with a usage error reported in one line: absl would print
   the help of every flag of this module (some 300 lines) above it."""
+  import signal
+
   from maml_tf.io_utils import (CheckpointUnreadableError,
                                 RunDirectoryBusyError)
+
+  def terminate(signum, frame):  # (training installs its own, gentler one)
+    raise _Signalled(signum)
+
+  if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+    signal.signal(signal.SIGTERM, terminate)  # one line, not a silent end
   try:
     main(argv)
   except app.UsageError as e:

@@ -21,7 +21,6 @@ import json
 import os
 from typing import Callable
 
-import tensorflow as tf
 from absl import logging
 
 from leo import data as data_lib
@@ -29,7 +28,7 @@ from leo.config import DataConfig, ModelConfig, OuterConfig
 from leo.model import LEO
 from maml_tf import evaluation, io_utils
 from maml_tf.io_utils import recover_replaced_dir
-from maml_tf.training import Trainer, TrainConfig
+from maml_tf.training import Trainer, TrainConfig, checkpoints_in
 
 BEST_DIR = "best_checkpoint"
 # Errors caused by the data or the flags, reported without a traceback.
@@ -68,22 +67,31 @@ def train_config(outer: OuterConfig, seed: int = 0, jit_compile: bool = True,
       log=log)
 
 
-def find_checkpoint(run_dir: str) -> tuple[str | None, str]:
+def find_checkpoint(run_dir: str, recover: bool = True
+                    ) -> tuple[str | None, str]:
   """The checkpoint to test: ``best_checkpoint`` when there is one (also when
   ``run_dir`` is itself a best-checkpoint directory), else the latest.
+
+  Args:
+    run_dir: the run directory.
+    recover: first put back a best checkpoint that a kill left set aside
+      (``io_utils.recover_replaced_dir``); only under the run directory's
+      lock, lest it race a training process's replacement.
 
   Returns:
     ``(path or None, 'best' | 'latest')``.
   """
-  recover_replaced_dir(os.path.join(run_dir, BEST_DIR))
+  if recover:
+    recover_replaced_dir(os.path.join(run_dir, BEST_DIR))
   for directory in (os.path.join(run_dir, BEST_DIR), run_dir):
     info_file = os.path.join(directory, "best.json")
     if os.path.exists(info_file):
       with open(info_file) as f:
         info = json.load(f)
       return os.path.join(directory, info["checkpoint"]), "best"
-  return tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints")), \
-      "latest"
+  directory = os.path.join(run_dir, "checkpoints")
+  paths = checkpoints_in(directory) if os.path.isdir(directory) else []
+  return (paths[-1] if paths else None), "latest"
 
 
 def checkpoint_to_test(run_dir: str) -> tuple[str, str]:
@@ -193,8 +201,8 @@ def run(data_config: DataConfig, model_config: ModelConfig,
   # test after training included), shared to evaluate.
   results = {"train": None, "test": None}
   if outer.evaluation_mode:
-    if not os.path.isdir(run_dir):
-      checkpoint_to_test(run_dir)  # raises, before the data loads
+    if find_checkpoint(run_dir, recover=False)[0] is None:
+      checkpoint_to_test(run_dir)  # raises (unless one was set aside)
     test_source = load(("test",))["test"]
     with io_utils.run_directory_lock(run_dir, exclusive=False):
       checkpoint_to_test(run_dir)  # raises before the Trainer writes

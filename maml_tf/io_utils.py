@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -30,6 +31,8 @@ def open_npy(path: str) -> np.ndarray:
     array = np.load(path, mmap_mode="r", allow_pickle=False)
   except EOFError as e:  # an empty file
     raise ValueError(f"empty or truncated ({e})") from e
+  except zipfile.BadZipFile as e:  # (numpy reads a file starting PK as .npz)
+    raise ValueError(f"a damaged .npz archive ({e})") from e
   except (OSError, ValueError) as e:
     raise ValueError(str(e)) from e
   if not isinstance(array, np.ndarray):
@@ -92,6 +95,12 @@ def atomic_write_files(contents: dict[str, str | bytes]) -> None:
       temps[path] = stack.enter_context(_temporary_file(path))
       with open(temps[path], "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
+    # Two writers of one set (two tests of a run directory share its lock)
+    # rename in turn, so the set is one writer's or the other's.
+    fd = os.open(os.path.dirname(os.path.abspath(next(iter(contents)))),
+                 os.O_RDONLY)  # (flock on the directory itself)
+    stack.callback(os.close, fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     for path, tmp in temps.items():
       os.replace(tmp, path)
 
@@ -156,8 +165,7 @@ def run_directory_lock(run_dir: str, exclusive: bool):
     finally:
       held[2] -= 1
     return
-  fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT,
-               umask_mode(0o666))
+  fd = _open_lock_file(os.path.join(run_dir, LOCK_FILE))
   try:
     try:
       fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -169,19 +177,32 @@ def run_directory_lock(run_dir: str, exclusive: bool):
           + (f"training: pid {holder}" if holder else "evaluating")
           + "); wait for it to finish, or use another run directory"
       ) from None
-    # No training process holds it now: a killed one's pid goes.
-    os.ftruncate(fd, 0)
-    if exclusive:
-      os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    # No training process holds it now: a killed one's pid goes (unless
+    # the file is another user's, opened read-only).
+    writable = os.access(os.path.join(run_dir, LOCK_FILE), os.W_OK)
+    if writable:
+      os.ftruncate(fd, 0)
+      if exclusive:
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(),
+                  0)
     _HELD[key] = [fd, exclusive, 1]
     try:
       yield
     finally:
       del _HELD[key]
-      if exclusive:
+      if exclusive and writable:
         os.ftruncate(fd, 0)
   finally:
     os.close(fd)
+
+
+def _open_lock_file(path: str) -> int:
+  """A lock file's descriptor: read-write, created if need be; read-only
+  when it is another user's (``flock`` needs no write access)."""
+  try:
+    return os.open(path, os.O_RDWR | os.O_CREAT, umask_mode(0o666))
+  except PermissionError:
+    return os.open(path, os.O_RDONLY)
 
 
 def _aside(dst: str) -> tuple[str, str]:
@@ -217,10 +238,15 @@ def recover_replaced_dir(dst: str) -> None:
   if os.path.exists(dst):
     return
   parent, prefix = _aside(dst)
-  asides = sorted(glob.glob(os.path.join(glob.escape(parent),
-                                         glob.escape(prefix) + "*")),
+  # (An empty one was made for a replacement killed before it moved
+  # anything there.)
+  asides = sorted((a for a in glob.glob(os.path.join(
+      glob.escape(parent), glob.escape(prefix) + "*")) if os.listdir(a)),
                   key=os.path.getmtime)
   if not asides and os.path.isdir(dst + ".old"):
     asides = [dst + ".old"]  # left by a run before 2026-11-24
   if asides:
-    os.replace(asides[-1], dst)
+    try:
+      os.replace(asides[-1], dst)
+    except FileNotFoundError:
+      pass  # another process (a second evaluation) put it back first

@@ -214,7 +214,8 @@ class Trainer:
     self._functions: dict = {}
     self.best_value = -math.inf
     # Set (by a signal handler, say) to end ``train`` after the current
-    # call, with a checkpoint of the step reached.
+    # call, with a checkpoint of the step reached; it stays set (a later
+    # ``train`` stops after one call) until cleared.
     self.stop_requested = threading.Event()
     self.in_training = False  # inside train's loop of compiled calls
     if config.log:

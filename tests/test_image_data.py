@@ -188,6 +188,9 @@ def test_cache_validation(omniglot_cache, tmp_path):
        "images.npy: not a readable .npy array \\(empty"),
       (broken("z", edit_array=npz_instead),
        "images.npy: not a readable .npy array \\(an .npz archive"),
+      (broken("k", edit_array=lambda p: (npz_instead(p), p.write_bytes(
+          p.read_bytes()[:40]))), "images.npy: not a readable .npy array "
+       "\\(a damaged .npz archive"),
       (broken("t", edit_array=lambda p: p.write_bytes(p.read_bytes()[:1000])),
        "images.npy: not a readable .npy array"),
       (broken("m", edit_array=lambda p: p.unlink()),

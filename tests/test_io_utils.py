@@ -3,6 +3,7 @@
 import fcntl
 import os
 import stat
+import time
 
 import pytest
 
@@ -52,6 +53,14 @@ def test_replaced_directory_survives_a_kill_between_the_renames(tmp_path):
   assert (best / "value").read_text() == "new"
   io_utils.recover_replaced_dir(str(best))  # nothing to do
   assert sorted(os.listdir(tmp_path)) == ["best"]
+  # An empty aside (a replacement killed before it moved anything) is not
+  # taken for the old copy.
+  os.rename(best, tmp_path / ".best.replaced-x2")
+  time.sleep(0.01)
+  (tmp_path / ".best.replaced-x3").mkdir()
+  io_utils.recover_replaced_dir(str(best))
+  assert (best / "value").read_text() == "new"
+  (tmp_path / ".best.replaced-x3").rmdir()
   # The aside name of runs before 2026-11-24.
   os.rename(best, str(best) + ".old")
   io_utils.recover_replaced_dir(str(best))
@@ -116,7 +125,14 @@ def test_run_directory_lock(tmp_path):
 
 
 def test_files_written_together_and_a_killed_writes_leftovers(tmp_path):
+  # A set whose second file fails leaves the first one as it was (written
+  # one by one, the first was already replaced).
   (tmp_path / "r.csv").write_text("old")
+  with pytest.raises(TypeError):
+    io_utils.atomic_write_files({str(tmp_path / "r.csv"): "new",
+                                 str(tmp_path / "r.json"): 3})
+  assert (tmp_path / "r.csv").read_text() == "old"
+  assert sorted(os.listdir(tmp_path)) == ["r.csv"]
   (tmp_path / ".tmp-r.json-killed").write_text("partial")  # SIGKILL's
   io_utils.atomic_write_files({str(tmp_path / "r.csv"): "new",
                                str(tmp_path / "r.json"): b"{}"})

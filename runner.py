@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import errno
 import getpass
-import glob
 import json
 import math
 import os
@@ -362,10 +361,12 @@ def _check_run_directory(run_dir: str, flag: str, training: bool) -> None:
       --checkpoint_path).
     training: the command trains (else it only evaluates).
   """
+  from maml_tf import training as training_lib
   _check_writable_directory(run_dir, flag)
+  checkpoints = os.path.join(run_dir, "checkpoints")
   if training and not FLAGS.resume and (
-      os.path.exists(os.path.join(run_dir, "checkpoints", "checkpoint")) or
-      glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "*.index"))):
+      os.path.exists(os.path.join(checkpoints, "checkpoint")) or
+      training_lib.checkpoints_in(checkpoints)):
     raise app.UsageError(
         f"--resume=False: run directory {run_dir} already holds a run's "
         "checkpoints, which a new run would overwrite in part; choose "
@@ -800,8 +801,7 @@ def _test_checkpoint(run_dir: str) -> str:
                            f"{path}.")
     return path
   from maml_tf import training
-  paths = training.checkpoints_in(directory) if os.path.isdir(
-      directory) else []
+  paths = training.checkpoints_in(directory)
   if not paths:
     raise app.UsageError(f"--train=False: no checkpoint in {directory}; "
                          "train first, or check --logdir and the flags that "

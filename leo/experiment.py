@@ -89,8 +89,7 @@ def find_checkpoint(run_dir: str, recover: bool = True
       with open(info_file) as f:
         info = json.load(f)
       return os.path.join(directory, info["checkpoint"]), "best"
-  directory = os.path.join(run_dir, "checkpoints")
-  paths = checkpoints_in(directory) if os.path.isdir(directory) else []
+  paths = checkpoints_in(os.path.join(run_dir, "checkpoints"))
   return (paths[-1] if paths else None), "latest"
 
 

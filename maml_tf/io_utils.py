@@ -165,7 +165,12 @@ def run_directory_lock(run_dir: str, exclusive: bool):
     finally:
       held[2] -= 1
     return
-  fd = _open_lock_file(os.path.join(run_dir, LOCK_FILE))
+  path = os.path.join(run_dir, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode(0o666))
+    writable = True
+  except PermissionError:  # another user's (flock needs no write access)
+    fd, writable = os.open(path, os.O_RDONLY), False
   try:
     try:
       fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -179,7 +184,6 @@ def run_directory_lock(run_dir: str, exclusive: bool):
       ) from None
     # No training process holds it now: a killed one's pid goes (unless
     # the file is another user's, opened read-only).
-    writable = os.access(os.path.join(run_dir, LOCK_FILE), os.W_OK)
     if writable:
       os.ftruncate(fd, 0)
       if exclusive:
@@ -194,15 +198,6 @@ def run_directory_lock(run_dir: str, exclusive: bool):
         os.ftruncate(fd, 0)
   finally:
     os.close(fd)
-
-
-def _open_lock_file(path: str) -> int:
-  """A lock file's descriptor: read-write, created if need be; read-only
-  when it is another user's (``flock`` needs no write access)."""
-  try:
-    return os.open(path, os.O_RDWR | os.O_CREAT, umask_mode(0o666))
-  except PermissionError:
-    return os.open(path, os.O_RDONLY)
 
 
 def _aside(dst: str) -> tuple[str, str]:

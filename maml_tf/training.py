@@ -658,7 +658,8 @@ class Trainer:
 def checkpoints_in(directory: str) -> list[str]:
   """The checkpoint prefixes in ``directory``, oldest first: those its
   ``checkpoint`` state file lists, and any complete one it does not (a run
-  killed between writing a checkpoint and the state file)."""
+  killed between writing a checkpoint and the state file); none when the
+  directory does not exist."""
   state = tf.train.get_checkpoint_state(directory)
   listed = list(state.all_model_checkpoint_paths) if state else []
   listed = [p if os.path.isabs(p) else os.path.join(directory, p)

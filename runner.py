@@ -145,7 +145,8 @@ flags.DEFINE_float("train_update_lr", -1,
 
 # ------------------------------------------------------ additions (MAML)
 flags.DEFINE_integer("test_num_updates", -1,
-                     "Inner steps at evaluation; -1: the original's rule (10).")
+                     "Inner steps at evaluation; -1: the original's rule, "
+                     "max(10, --num_updates).")
 flags.DEFINE_integer("num_test_tasks", 600,
                      "Tasks in the final evaluation (the original: 600).")
 flags.DEFINE_integer("test_batch_size", 100,
@@ -480,7 +481,12 @@ def _is_sinusoid() -> bool:
 
 
 def _test_num_updates() -> int:
-  return 10 if FLAGS.test_num_updates == -1 else FLAGS.test_num_updates
+  """Inner steps at test: the original's ``max(test_num_updates,
+  num_updates)`` with its test-time ``test_num_updates`` of 10, unless the
+  flag sets them."""
+  if FLAGS.test_num_updates == -1:
+    return max(10, FLAGS.num_updates)
+  return FLAGS.test_num_updates
 
 
 def _train_eval_updates() -> int:

@@ -245,3 +245,14 @@ def test_sigterm_saves_and_a_second_run_of_the_directory_is_refused(tmp_path):
   resumed = run([a for a in args if not a.startswith("--metatrain_it")]
                 + [f"--metatrain_iterations={step + 100}"])
   assert f"Meta-training from step {step} to {step + 100}" in resumed.stderr
+
+
+def test_more_than_ten_training_steps_are_all_tested(tmp_path):
+  """The original tests ``max(test_num_updates, num_updates)`` steps."""
+  proc = run(SINE + [f"--logdir={tmp_path}", "--num_updates=11",
+                     "--metatrain_iterations=2", "--val_interval=0",
+                     "--num_test_tasks=4", "--jit_compile=False"])
+  assert "Evaluating on 4 test tasks, 11 inner steps" in proc.stderr
+  (result,) = tmp_path.glob("*/test_ubs10_stepsize0.01.json")
+  means = json.loads(result.read_text())["metrics"]["query_loss"]["mean"]
+  assert len(means) == 12  # before adaptation, then after each of 11 steps

@@ -1150,6 +1150,18 @@ def _configure_tf32() -> None:
                "allowed" if FLAGS.allow_tf32 else "off, exact float32")
 
 
+def _log_devices() -> None:
+  import tensorflow as tf
+  logging.info("TensorFlow devices: %s", ", ".join(
+      d.name for d in tf.config.list_logical_devices()))
+  unused = maml_tf.gpus_tensorflow_cannot_use()
+  if unused:
+    logging.warning(
+        "The NVIDIA driver lists %d GPU(s), but TensorFlow sees none: this "
+        "run uses the CPU. Install TensorFlow with CUDA: pip install "
+        "\"tensorflow[and-cuda]==2.21.0\" (README, Installing).", unused)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -1161,6 +1173,7 @@ def main(argv) -> None:
   _configure_xla_cache()
   _configure_threads()
   _configure_tf32()
+  _log_devices()
   if FLAGS.model == "leo":
     _leo_main()
   else:

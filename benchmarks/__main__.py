@@ -136,6 +136,7 @@ def _run_one(spec: dict) -> dict:
       "ms_per_step": 1e3 / steps_per_s,
       "block_rates": [r * k for r in rates], "compile_s": compile_s,
       "first_loss": first_value, "peak_rss_mb": peak_rss_mb,
+      "peak_gpu_mb": measure.peak_gpu_mb(),
       "input_ms_per_step": input_ms,
       "gflop_per_step": None if flops is None else flops / 1e9,
       **settings,
@@ -177,7 +178,7 @@ def _run_evaluation(spec, workload, learner, source, batches,
       "steps_per_s": tasks_per_s, "ms_per_step": 1e3 / tasks_per_s,
       "block_rates": [r * workload.meta_batch_size for r in rates],
       "compile_s": compile_s, "first_loss": first_value,
-      "peak_rss_mb": peak_rss_mb,
+      "peak_rss_mb": peak_rss_mb, "peak_gpu_mb": measure.peak_gpu_mb(),
       "input_ms_per_step": input_ms / workload.meta_batch_size,
       "gflop_per_step": (None if flops is None else
                          flops / 1e9 / workload.meta_batch_size),
@@ -387,6 +388,7 @@ def main() -> None:
   atomic_write(out, json.dumps({
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": {"processor": _cpu_name(), "cpus": os.cpu_count(),
+                  "gpus": measure.gpu_names(),
                   "python": platform.python_version()},
       # Settings that change the figures (maml_tf sets the first two; the
       # malloc ones change the peak memory, README "Peak memory").

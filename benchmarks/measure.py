@@ -69,8 +69,12 @@ def hlo_flops(hlo: str) -> float:
 
 
 def function_flops(fn: Callable, *args) -> float:
-  """FLOPs of one call of an XLA-compiled ``tf.function``."""
-  hlo = fn.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+  """FLOPs of one call of an XLA-compiled ``tf.function``, counted in its
+  XLA:CPU program on any host: XLA:GPU hands dots and convolutions to cuBLAS
+  and cuDNN custom calls, which ``hlo_flops`` cannot read, and the count does
+  not depend on the device."""
+  with tf.device("/CPU:0"):
+    hlo = fn.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
   return hlo_flops(hlo)
 
 
@@ -114,3 +118,17 @@ def timed_blocks(call: Callable[[], object], sync: Callable[[object], None],
 def peak_rss_mb() -> float:
   """Peak resident set size of this process so far (Linux: KiB units)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_gpu_mb() -> float | None:
+  """Peak memory TensorFlow has allocated on the first GPU (None: no GPU).
+  Host RSS does not show it."""
+  if not tf.config.list_logical_devices("GPU"):
+    return None
+  return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+def gpu_names() -> list[str]:
+  """The model of each GPU TensorFlow sees (empty on a CPU-only host)."""
+  return [tf.config.experimental.get_device_details(gpu).get(
+      "device_name", gpu.name) for gpu in tf.config.list_physical_devices("GPU")]

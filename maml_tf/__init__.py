@@ -22,7 +22,7 @@ import importlib
 import os
 import sys
 
-# Two process-wide TensorFlow settings, made before TensorFlow loads and only
+# Three process-wide TensorFlow settings, made before TensorFlow loads and only
 # where the user has not chosen (README, Installing):
 # - TF 2.21's oneDNN kernels for batched matmul/einsum corrupt the heap now and
 #   then (tensorflow#117700, #123109): without XLA, about one run in 25 of a
@@ -34,9 +34,13 @@ import sys
 #   and zeroes their pages again on every step; TF's BFC allocator keeps and
 #   reuses them. Omniglot and miniImageNet MAML ran 1.15-1.4x faster with it,
 #   for up to 17% more peak memory (15% for Omniglot MAML).
+# - On a GPU, TensorFlow reserves nearly all of its memory at the first op;
+#   growing on demand lets a test run beside training, and the benchmark's
+#   child processes beside its parent (which measured the peak matmul).
 if "tensorflow" not in sys.modules:
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+  os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 # The layers' arithmetic types (``runner.py --precision``, ``models.build(...,
 # compute_dtype=...)``): float32, or mixed precision with float32 variables.
@@ -71,6 +75,25 @@ def use_xla_cpu_fusion_emitters(enabled: bool) -> bool:
   return True
 
 
+def gpus_tensorflow_cannot_use(
+    driver_directory: str = "/proc/driver/nvidia/gpus") -> int:
+  """GPUs the NVIDIA driver lists while TensorFlow sees none (0 otherwise).
+
+  Then everything runs on the CPU: a CPU-only TensorFlow wheel, or missing
+  CUDA libraries (``pip install "tensorflow[and-cuda]"``). TensorFlow's own
+  warning is hidden at ``TF_CPP_MIN_LOG_LEVEL=2``. GPUs hidden on purpose,
+  with an empty ``CUDA_VISIBLE_DEVICES``, do not count.
+  """
+  if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+    return 0
+  try:
+    listed = len(os.listdir(driver_directory))
+  except OSError:  # no NVIDIA driver (or no /proc)
+    return 0
+  import tensorflow as tf
+  return 0 if tf.config.list_logical_devices("GPU") else listed
+
+
 def _tensorflow_version() -> str | None:
   from importlib import metadata  # without importing TensorFlow
   for distribution in ("tensorflow", "tensorflow-cpu"):
@@ -93,7 +116,8 @@ _EXPORTS = {
     "xla_cache": ("maml_tf.xla_cache", None),
 }
 
-__all__ = [*_EXPORTS, "use_xla_cpu_fusion_emitters", "PRECISIONS"]
+__all__ = [*_EXPORTS, "use_xla_cpu_fusion_emitters",
+           "gpus_tensorflow_cannot_use", "PRECISIONS"]
 
 
 def __getattr__(name):

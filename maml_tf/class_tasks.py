@@ -103,12 +103,15 @@ class ClassDataset:
     """The examples as one TF tensor, made on first use.
 
     ``examples`` then becomes a numpy view of the tensor's buffer, so the
-    split is held once.
+    split is held once. It is in host memory on any machine (on a GPU host,
+    ``tf.constant`` would put it in the GPU's, and the view would be a second
+    copy); ``FewShotTasks.tensor_batch`` gathers there too.
     """
     import tensorflow as tf  # only here: data preparation needs no TF
     with self._tensor_lock:
       if self._tensor is None:
-        self._tensor = tf.constant(self.examples)
+        with tf.device("/CPU:0"):
+          self._tensor = tf.constant(self.examples)
         self.examples = np.asarray(self._tensor)
       return self._tensor
 
@@ -258,10 +261,13 @@ class FewShotTasks:
     rows, _ = self._rows(index, num_tasks)
     examples = self.dataset.as_tensor()
     parts = []
-    for part in (rows[:, :, :k], rows[:, :, k:]):
-      part, labels = self._arrange(part)
-      x = tf.gather(examples, part.reshape(part.shape[0], -1))
-      parts += [x, tf.constant(labels)]
+    # On the host, beside the compiled calls (a GPU's would first copy the
+    # whole split over); the compiled call then copies only the batch.
+    with tf.device("/CPU:0"):
+      for part in (rows[:, :, :k], rows[:, :, k:]):
+        part, labels = self._arrange(part)
+        x = tf.gather(examples, part.reshape(part.shape[0], -1))
+        parts += [x, tf.constant(labels)]
     return TaskBatch(*parts)
 
   def _gather(self, rows: np.ndarray, rotations: np.ndarray | None):

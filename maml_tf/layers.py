@@ -88,10 +88,17 @@ def _recorded(*tensors: tf.Tensor) -> bool:
   return record.should_record_backprop(tensors)
 
 
-def _compiling_with_xla() -> bool:
-  """Whether the function being traced is compiled by XLA (``jit_compile``)."""
-  return control_flow_util.GraphOrParentsInXlaContext(
-      tf.compat.v1.get_default_graph())
+def _compiling_for_xla_cpu() -> bool:
+  """Whether the function being traced is compiled by XLA (``jit_compile``)
+  for the CPU. The forms chosen then (``task_matmul``'s sums, per-task
+  convolutions) were measured on XLA:CPU only; with a GPU visible,
+  TensorFlow places the function there, and they are not used."""
+  return (control_flow_util.GraphOrParentsInXlaContext(
+      tf.compat.v1.get_default_graph()) and not _gpu_visible())
+
+
+def _gpu_visible() -> bool:
+  return bool(tf.config.list_logical_devices("GPU"))
 
 
 def _local(*tensors: tf.Tensor) -> list[tf.Tensor]:
@@ -176,16 +183,16 @@ def task_matmul(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     w: ``[T, I, O]``.
 
   Returns:
-    ``[T, B, O]``. Compiled by XLA, with a static example axis B of at most 32
-    in float32 or float64, its weight gradients are fused sums of outer
-    products (see above). Otherwise it is a plain batched matmul: a longer
+    ``[T, B, O]``. Compiled by XLA for the CPU (no GPU visible), with a
+    static example axis B of at most 32 in float32 or float64, its weight
+    gradients are fused sums of outer products (see above). Otherwise it is a plain batched matmul: a longer
     sum would become a slow reduce-window, 16-bit sums would lose precision,
     and without XLA TensorFlow materialises the outer products (the
     sinusoid's MAML ran 0.78x as fast).
   """
   short = x.shape[1] is not None and x.shape[1] <= _TREE_REDUCTION_WINDOW
   if (short and x.dtype in (tf.float32, tf.float64) and
-      _compiling_with_xla()):
+      _compiling_for_xla_cpu()):
     return _task_matmul(x, w)
   return tf.einsum("tbi,tio->tbo", x, w)
 
@@ -325,7 +332,7 @@ def _per_task_convolutions(x: tf.Tensor, kernel_size: int,
   tasks = x.shape[0]
   return (tasks is not None and tasks <= _MAX_PER_TASK_CONV_TASKS and
           stride == 1 and kernel_size % 2 == 1 and
-          x.dtype in (tf.float32, tf.float64) and _compiling_with_xla())
+          x.dtype in (tf.float32, tf.float64) and _compiling_for_xla_cpu())
 
 
 class Conv2D(FunctionalLayer):

@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("AUTOGRAPH_STRICT_CONVERSION", "1")
+# The suite checks XLA:CPU's programs and bitwise CPU results: on a GPU host
+# it runs on the CPU too, unless CUDA_VISIBLE_DEVICES says otherwise.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402

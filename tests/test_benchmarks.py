@@ -69,6 +69,8 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
   assert result["environment"]["allow_tf32"] is False
   assert result["environment"]["TF_CPU_ALLOCATOR_USE_BFC"] == "true"
   assert result["environment"]["MALLOC_ARENA_MAX"] == "4"
+  # GPU memory and models, recorded on a GPU host (this suite hides GPUs).
+  assert row["peak_gpu_mb"] is None and result["machine"]["gpus"] == []
   assert "sinusoid      maml" in proc.stdout
 
 

@@ -69,12 +69,15 @@ def test_task_matmul_has_the_plain_matmuls_derivatives_to_third_order(examples):
 
 def test_task_matmul_is_a_plain_matmul_without_xla():
   """Without XLA, TensorFlow would materialise the outer products (slower),
-  and a long example axis would make XLA's sum a slow reduce-window."""
+  a long example axis would make XLA's sum a slow reduce-window, and on a
+  GPU the sums are not measured."""
   x, w = tf.ones([2, 3, 4]), tf.ones([2, 4, 5])
   with mock.patch.object(L, "_task_matmul", wraps=L._task_matmul) as fused:
     L.task_matmul(x, w)
     tf.function(L.task_matmul, autograph=False)(x, w)
     _xla(L.task_matmul)(tf.ones([2, 33, 4]), w)
+    with mock.patch.object(L, "_gpu_visible", return_value=True):
+      _xla(L.task_matmul)(x, w)  # measured on XLA:CPU only
     assert not fused.called
     _xla(L.task_matmul)(x, w)
     assert fused.called
@@ -228,9 +231,9 @@ def test_task_conv_through_a_cond_branch_stays_canonical():
 
 
 def test_conv_runs_one_convolution_per_task_for_few_tasks_under_xla():
-  """Conv2D's routing: per-task convolutions only when compiled by XLA, with
-  at most ``_MAX_PER_TASK_CONV_TASKS`` tasks, stride 1 and an odd kernel;
-  im2col otherwise. Both give the same layer output."""
+  """Conv2D's routing: per-task convolutions only when compiled by XLA for
+  the CPU, with at most ``_MAX_PER_TASK_CONV_TASKS`` tasks, stride 1 and an
+  odd kernel; im2col otherwise. Both give the same layer output."""
   rng = np.random.default_rng(11)
   conv, strided = L.Conv2D(4, 3), L.Conv2D(4, 3, stride=2)
   conv.build((None, 6, 6, 2))
@@ -250,6 +253,8 @@ def test_conv_runs_one_convolution_per_task_for_few_tasks_under_xla():
     tf.function(forward, autograph=False)(conv, *few)
     _xla(forward)(conv, *many)
     _xla(forward)(strided, *few)
+    with mock.patch.object(L, "_gpu_visible", return_value=True):
+      _xla(forward)(conv, *few)  # measured on XLA:CPU only
     assert not per_task.called
     compiled = _xla(forward)(conv, *few)
     assert per_task.called

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import maml_tf
+
 from tests.conftest import REPO
 
 LIBRARIES = ("maml_tf", "leo", "data_prep")
@@ -79,6 +81,8 @@ def run_python(code: str, variable: str, value: str | None) -> str:
     ("TF_ENABLE_ONEDNN_OPTS", "0", "1"),
     # XLA's per-call temporaries are reused instead of page-faulted anew.
     ("TF_CPU_ALLOCATOR_USE_BFC", "true", "false"),
+    # A GPU's memory is taken as needed, not all of it at the first op.
+    ("TF_FORCE_GPU_ALLOW_GROWTH", "true", "false"),
 ])
 def test_entry_points_set_tensorflow_variables_before_it_loads(
     entry, variable, ours, theirs):
@@ -137,3 +141,21 @@ def test_xla_temporaries_are_reused_with_the_bfc_allocator():
             for preset in (None, "false")}
   # 256 MB is 65,536 pages of 4 KB.
   assert faults[None] < 1000 < 30000 < faults["false"], faults
+
+
+def test_gpus_the_driver_lists_but_tensorflow_cannot_use(tmp_path,
+                                                          monkeypatch):
+  """runner.py warns when the NVIDIA driver lists GPUs that TensorFlow does
+  not see (a CPU-only wheel; missing CUDA libraries): the run uses the CPU."""
+  import tensorflow as tf
+  for gpu in ("0000:01:00.0", "0000:02:00.0"):
+    (tmp_path / gpu).mkdir()
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  assert maml_tf.gpus_tensorflow_cannot_use(str(tmp_path)) == 2
+  assert maml_tf.gpus_tensorflow_cannot_use(str(tmp_path / "none")) == 0
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose
+  assert maml_tf.gpus_tensorflow_cannot_use(str(tmp_path)) == 0
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+  monkeypatch.setattr(tf.config, "list_logical_devices",
+                      lambda kind=None: ["/device:GPU:0"])
+  assert maml_tf.gpus_tensorflow_cannot_use(str(tmp_path)) == 0

@@ -41,6 +41,7 @@ def test_train_test_resume_and_test_mode(tmp_path):
   assert "steps/s" in proc.stderr and "ETA" in proc.stderr
   assert "First meta-step call" in proc.stderr
   assert "TensorFloat-32 matmuls and convolutions: off" in proc.stderr
+  assert "TensorFlow devices: /device:CPU:0" in proc.stderr
   # The sinusoid's tiny kernels run on one thread unless a flag says else.
   assert "TensorFlow intra-op threads: 1 (--intra_op_threads)" in proc.stderr
   # ... and compile with TensorFlow's default emitters, set explicitly.

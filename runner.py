@@ -164,6 +164,15 @@ flags.DEFINE_integer("print_interval", -1,
                      "Progress-line interval; -1: 1000 for sinusoid, else 100.")
 flags.DEFINE_integer("val_interval", 500,
                      "Meta-validation interval (the original: 500).")
+flags.DEFINE_integer("val_num_tasks", -1,
+                     "Tasks per meta-validation; -1: one meta-batch of new "
+                     "tasks each time (the original). With --test_ensemble "
+                     "they are the same tasks each time (HTTYM: 600).")
+flags.DEFINE_integer("test_ensemble", 0,
+                     "Test an ensemble of the checkpoints of the N best "
+                     "meta-validation accuracies, averaging their query "
+                     "logits (HowToTrainYourMAML's MAML++ protocol: 5); 0: "
+                     "the final checkpoint alone (the original).")
 flags.DEFINE_integer("save_interval", 1000,
                      "Checkpoint interval (the original: 1000).")
 flags.DEFINE_integer("max_checkpoints", 10,
@@ -454,6 +463,23 @@ def _check_flags() -> None:
   if FLAGS.test_num_updates < -1:
     raise app.UsageError(f"--test_num_updates must be >= 0 (or -1: the "
                          f"original's rule), got {FLAGS.test_num_updates}")
+  if not (FLAGS.val_num_tasks == -1 or FLAGS.val_num_tasks >= 1):
+    raise app.UsageError("--val_num_tasks must be >= 1 (or -1: one "
+                         f"meta-batch), got {FLAGS.val_num_tasks}")
+  if FLAGS.test_ensemble < 0:
+    raise app.UsageError("--test_ensemble must be >= 0 (0: the final "
+                         f"checkpoint alone), got {FLAGS.test_ensemble}")
+  if FLAGS.test_ensemble and FLAGS.test_iter > 0:
+    raise app.UsageError(f"--test_iter={FLAGS.test_iter} tests one "
+                         "checkpoint; --test_ensemble="
+                         f"{FLAGS.test_ensemble} the best-validated ones: "
+                         "give one of them")
+  if FLAGS.test_ensemble and (_is_sinusoid() or not FLAGS.val_interval):
+    raise app.UsageError(
+        f"--test_ensemble={FLAGS.test_ensemble} ranks checkpoints by "
+        "meta-validation accuracy: it needs a classification datasource "
+        f"and --val_interval > 0 (got --datasource={FLAGS.datasource}, "
+        f"--val_interval={FLAGS.val_interval})")
   _loss_scale()
   from maml_tf import image_data
   if FLAGS.datasource not in ("sinusoid",) + image_data.DATASOURCES:
@@ -669,6 +695,11 @@ def _make_train_config(run_dir: str, pretrain: int, metatrain: int,
       log_every=FLAGS.summary_interval,
       print_every=print_interval,
       val_every=FLAGS.val_interval,
+      val_num_tasks=None if FLAGS.val_num_tasks == -1 else FLAGS.val_num_tasks,
+      # HTTYM ranks its epochs on the same validation tasks.
+      val_fixed_tasks=FLAGS.test_ensemble > 0,
+      keep_best="query_accuracy" if FLAGS.test_ensemble else None,
+      keep_top=FLAGS.test_ensemble,
       save_every=FLAGS.save_interval,
       max_to_keep=FLAGS.max_checkpoints,
       steps_per_call=steps_per_call,
@@ -683,19 +714,28 @@ def _evaluate_and_report(learner, trainer, source, split: str) -> None:
   tasks, written as CSV/JSON/NPZ and printed as a table."""
   from maml_tf import evaluation
   steps = _test_num_updates()
+  step = int(trainer.step.numpy())
   logging.info("Evaluating on %d %s tasks, %d inner steps...",
                FLAGS.num_test_tasks, split, steps)
-  result = evaluation.evaluate(
-      lambda batch: learner.evaluate(batch, num_steps=steps), source,
-      FLAGS.num_test_tasks, min(FLAGS.test_batch_size, FLAGS.num_test_tasks),
-      jit_compile=FLAGS.jit_compile)
+  batch_size = min(FLAGS.test_batch_size, FLAGS.num_test_tasks)
+  if FLAGS.test_ensemble:
+    result = evaluation.evaluate_ensemble(
+        lambda batch: learner.evaluate(batch, num_steps=steps,
+                                       return_outputs=True),
+        _ensemble_restores(trainer), source, FLAGS.num_test_tasks,
+        batch_size, jit_compile=FLAGS.jit_compile)
+  else:
+    result = evaluation.evaluate(
+        lambda batch: learner.evaluate(batch, num_steps=steps), source,
+        FLAGS.num_test_tasks, batch_size, jit_compile=FLAGS.jit_compile)
   result.warn_nonfinite()
   basename = (f"{split}_ubs{FLAGS.update_batch_size}"
               f"_stepsize{_float_str(FLAGS.update_lr)}")
-  if not FLAGS.train and FLAGS.test_iter > 0:  # keep the final results
+  if FLAGS.test_ensemble:
+    basename = basename.replace("_", f"_ensemble{FLAGS.test_ensemble}_", 1)
+  elif not FLAGS.train and FLAGS.test_iter > 0:  # keep the final results
     basename += f"_iter{FLAGS.test_iter}"
   paths = result.write(trainer.config.run_dir, basename)
-  step = int(trainer.step.numpy())
   if split == "test":  # the test-split means, as LEO's metatest/ scalars
     trainer.write_eval_summaries("metatest", result.values, step)
     trainer.writer.flush()
@@ -703,6 +743,27 @@ def _evaluate_and_report(learner, trainer, source, split: str) -> None:
   print(f"\n{split} results after {step} iterations "
         f"({FLAGS.num_test_tasks} tasks, {result.seconds:.1f} s):\n{table}\n"
         f"written to {paths[0]}, {paths[1]}", flush=True)
+
+
+def _ensemble_restores(trainer) -> list:
+  """``--test_ensemble``: a function per kept checkpoint that restores it."""
+  from maml_tf import training
+  run_dir = trainer.config.run_dir
+  top = training.top_checkpoints(run_dir)[:FLAGS.test_ensemble]
+  if not top:
+    raise app.UsageError(
+        f"--test_ensemble={FLAGS.test_ensemble}: {run_dir} kept no "
+        "best-validated checkpoints (top_checkpoints/); they are kept while "
+        "training with --test_ensemble")
+  if len(top) < FLAGS.test_ensemble:
+    logging.warning("--test_ensemble=%d: only %d meta-validations were "
+                    "kept; the ensemble has %d members.", FLAGS.test_ensemble,
+                    len(top), len(top))
+  logging.info("Ensemble: the checkpoints of steps %s (meta-validation "
+               "accuracies %s).", [e["step"] for e in top],
+               [round(e["value"], 4) for e in top])
+  return [lambda path=e["path"]: trainer.restore(path, weights_only=True)
+          for e in top]
 
 
 def _maml_main() -> None:

@@ -379,7 +379,8 @@ class MAML(tf.Module):
     return loss, {"pre_update_loss": loss, **self.state_metrics()}
 
   def evaluate(self, batch: TaskBatch, num_steps: int | None = None,
-               training: bool | None = None) -> dict:
+               training: bool | None = None,
+               return_outputs: bool = False) -> dict:
     """Per-task, per-step evaluation (no meta-gradient).
 
     Args:
@@ -388,12 +389,16 @@ class MAML(tf.Module):
       training: forward mode (default ``eval_training``); the original
         evaluates in training mode (batch-norm statistics of the current
         batch).
+      return_outputs: also return the query outputs after the last step
+        (an ensemble of checkpoints averages them, HTTYM's MAML++ test).
 
     Returns:
       ``query_loss`` ``[T, U+1]`` (column j: after j inner steps),
       ``support_loss`` ``[T]`` (before adaptation; column 0 of the original's
       test output), and for classification ``query_accuracy`` ``[T, U+1]`` and
-      ``support_accuracy`` ``[T]``.
+      ``support_accuracy`` ``[T]``. With ``return_outputs``, also
+      ``query_outputs`` ``[T, Q, out]`` (logits, for classification) and
+      ``query_y`` ``[T, Q]``.
     """
     num_steps = self.num_inner_steps_eval if num_steps is None else num_steps
     training = self.eval_training if training is None else training
@@ -421,6 +426,9 @@ class MAML(tf.Module):
       results["query_accuracy"] = tf.stack(query_accuracies, axis=1)
       results["support_accuracy"] = losses.accuracy(support_out,
                                                     batch.support_y)
+    if return_outputs:
+      results["query_outputs"] = outputs
+      results["query_y"] = batch.query_y
     return results
 
   # ---------------------------------------------------------------- public API

@@ -84,6 +84,10 @@ class TrainConfig:
     keep_best: metric name (e.g. 'query_accuracy') whose meta-validation mean
       (last column) selects a best checkpoint, copied atomically to
       ``run_dir/best_checkpoint`` (LEO's protocol); None: off.
+    keep_top: with ``keep_best``, also keep the checkpoints of the
+      ``keep_top`` best meta-validations in ``run_dir/top_checkpoints``
+      (``top_checkpoints``), for HowToTrainYourMAML's test of an ensemble
+      (``evaluation.evaluate_ensemble``); 0: off.
     steps_per_call: meta-steps per compiled call.
     jit_compile: compile with XLA.
     resume: continue from the latest checkpoint in ``run_dir``.
@@ -110,6 +114,7 @@ class TrainConfig:
   save_every: int = 1000
   max_to_keep: int = 10
   keep_best: str | None = None
+  keep_top: int = 0
   steps_per_call: int = 1
   jit_compile: bool = True
   resume: bool = True
@@ -125,11 +130,15 @@ class TrainConfig:
     if self.lr_schedule not in ("constant", "cosine"):
       raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got "
                        f"{self.lr_schedule!r}")
+    if self.keep_top and not (self.keep_best and self.val_every):
+      raise ValueError(f"keep_top={self.keep_top} ranks meta-validations: it "
+                       "needs keep_best and val_every > 0")
     k = self.steps_per_call
     if k < 1:
       raise ValueError(f"steps_per_call must be >= 1, got {k}")
     minimums = {"log_every": 1, "print_every": 1, "save_every": 1,
-                "max_to_keep": 1, "val_every": 0, "pretrain_iterations": 0}
+                "max_to_keep": 1, "val_every": 0, "pretrain_iterations": 0,
+                "keep_top": 0}
     for name, minimum in minimums.items():
       if getattr(self, name) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got "
@@ -213,6 +222,7 @@ class Trainer:
         max_to_keep=config.max_to_keep, checkpoint_name="model")
     self._functions: dict = {}
     self.best_value = -math.inf
+    self.top: list[dict] = []  # keep_top's entries, best first
     # Set (by a signal handler, say) to end ``train`` after the current
     # call, with a checkpoint of the step reached; it stays set (a later
     # ``train`` stops after one call) until cleared.
@@ -438,6 +448,37 @@ class Trainer:
     logging.info("New best meta-validation %s = %.4f at step %d -> %s",
                  self.config.keep_best, value, step, best_dir)
 
+  def save_top(self, value: float) -> None:
+    """Keeps the current weights among the ``keep_top`` best in
+    ``run_dir/top_checkpoints`` when ``value`` ranks there (a tie keeps the
+    earlier), replacing the directory atomically with its ``top.json``."""
+    c = self.config
+    step = int(self.step.numpy())
+    entry = {"step": step, "value": value, "checkpoint": f"model-{step}"}
+    # (A run resumed from before a validation it already made repeats it.)
+    ranked = sorted([e for e in self.top if e["step"] != step] + [entry],
+                    key=lambda e: -e["value"])[:c.keep_top]
+    if entry not in ranked:
+      return
+    top_dir = os.path.join(c.run_dir, TOP_DIR)
+    tmp_dir = os.path.join(c.run_dir, "tmp_" + TOP_DIR)
+    if os.path.exists(tmp_dir):
+      shutil.rmtree(tmp_dir)
+    os.makedirs(tmp_dir)
+    for kept in ranked:
+      if kept is not entry:
+        for path in glob.glob(os.path.join(glob.escape(top_dir),
+                                           kept["checkpoint"] + ".*")):
+          shutil.copy2(path, tmp_dir)
+    self.checkpoint.write(os.path.join(tmp_dir, entry["checkpoint"]))
+    atomic_write(os.path.join(tmp_dir, "top.json"), json.dumps(
+        {"metric": c.keep_best, "checkpoints": ranked}, indent=1))
+    atomic_replace_dir(tmp_dir, top_dir)
+    self.top = ranked
+    logging.info("Meta-validation %s = %.4f at step %d is number %d of the "
+                 "%d best -> %s", c.keep_best, value, step,
+                 ranked.index(entry) + 1, c.keep_top, top_dir)
+
   # ------------------------------------------------------------------ loop
   def write_eval_summaries(self, prefix: str, results: dict, step: int,
                            exclude=()) -> None:
@@ -528,6 +569,9 @@ class Trainer:
     if c.keep_best and os.path.exists(best_file):
       with open(best_file) as f:  # never overwrite a better earlier best
         self.best_value = float(json.load(f)["value"])
+    if c.keep_top:
+      self.top = [{k: e[k] for k in ("step", "value", "checkpoint")}
+                  for e in top_checkpoints(c.run_dir)]
     start = int(self.step.numpy())
     total = c.total_iterations
     writer = self.writer
@@ -632,6 +676,8 @@ class Trainer:
         if c.keep_best and summary[c.keep_best] > self.best_value:
           self.best_value = summary[c.keep_best]
           self.save_best(self.best_value)
+        if c.keep_top:
+          self.save_top(summary[c.keep_best])
         window_start = time.time()
       saved = step % c.save_every == 0 or step == total
       if saved:
@@ -653,6 +699,33 @@ class Trainer:
           "finite (metatrain/nonfinite_steps in TensorBoard).", skipped, step)
     return {"step": step, "seconds": wall, "first_call_seconds": first_call,
             "nonfinite_steps": skipped, "stopped": step < total}
+
+
+TOP_DIR = "top_checkpoints"
+
+
+def top_checkpoints(run_dir: str) -> list[dict]:
+  """``TrainConfig.keep_top``'s checkpoints of a run, best first: dicts of
+  ``step``, ``value`` (the meta-validation mean) and ``checkpoint`` (a name
+  in ``run_dir/top_checkpoints``) plus ``path`` (its prefix); empty when the
+  run kept none. Call it under the run directory's lock: it first puts back
+  a version that a kill left set aside (``io_utils.recover_replaced_dir``).
+
+  Raises:
+    CheckpointUnreadableError: ``top.json`` is damaged.
+  """
+  directory = os.path.join(run_dir, TOP_DIR)
+  recover_replaced_dir(directory)
+  try:
+    with open(os.path.join(directory, "top.json")) as f:
+      entries = json.load(f)["checkpoints"]
+  except FileNotFoundError:
+    return []
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointUnreadableError(
+        f"{directory}/top.json is unreadable ({type(e).__name__}: {e})") from e
+  return [dict(e, path=os.path.join(directory, e["checkpoint"]))
+          for e in entries]
 
 
 def checkpoints_in(directory: str) -> list[str]:

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from maml_tf import evaluation
+from maml_tf.tasks import TaskBatch
 from maml_tf.sinusoid import SinusoidConfig, SinusoidTasks
 
 
@@ -59,3 +60,39 @@ def test_evaluation_independent_of_batch_size():
   b = evaluation.evaluate(fn, source, 50, 7, jit_compile=False)
   np.testing.assert_allclose(a.values["mean_y"], b.values["mean_y"],
                              rtol=1e-6)
+
+
+class _TwoQueryTasks:
+  """Tasks whose two queries are of classes 0 and 1."""
+
+  def batch(self, index, num_tasks):
+    return TaskBatch(np.zeros([num_tasks, 1, 1], np.float32),
+                     np.zeros([num_tasks, 1], np.int32),
+                     np.zeros([num_tasks, 2, 1], np.float32),
+                     np.tile(np.int32([[0, 1]]), (num_tasks, 1)))
+
+
+def test_ensemble_averages_the_members_logits():
+  """HTTYM's ensemble: the argmax of the mean logits, not a majority vote.
+  Each member alone and a vote get 1 of the 2 queries right; the mean
+  logits get neither (member A is very sure of its wrong answer)."""
+  logits = tf.Variable(tf.zeros([2, 2]))
+
+  def outputs(batch):
+    tasks = tf.shape(batch.query_y)[0]
+    return {"query_outputs": tf.tile(logits[None], [tasks, 1, 1]),
+            "query_y": batch.query_y}
+
+  members = [[[1.0, 0.0], [5.0, 0.0]],   # query 0 right, query 1 wrong
+             [[0.0, 1.0], [0.0, 1.0]],   # query 0 wrong, query 1 right
+             [[0.0, 1.0], [0.0, 1.0]]]
+  restores = [lambda m=m: logits.assign(m) for m in members]
+  for member in restores:
+    member()
+    alone = evaluation.evaluate(outputs, _TwoQueryTasks(), 3, 2).values
+    assert np.mean(np.argmax(alone["query_outputs"], -1)
+                   == alone["query_y"]) == 0.5
+  result = evaluation.evaluate_ensemble(outputs, restores, _TwoQueryTasks(),
+                                        num_tasks=3, batch_size=2)
+  np.testing.assert_array_equal(result.values["ensemble_query_accuracy"],
+                                [0.0, 0.0, 0.0])

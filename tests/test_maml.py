@@ -187,6 +187,11 @@ def test_adapt_and_predict_match_evaluate():
   assert mse == pytest.approx(float(ref), rel=1e-4)
   direct = model.forward([f[None] for f in fast], batch.query_x[:1])[0]
   np.testing.assert_allclose(direct.numpy(), out.numpy(), rtol=1e-5)
+  # The outputs an ensemble averages are the last step's.
+  results = learner.evaluate(batch, num_steps=3, return_outputs=True)
+  np.testing.assert_allclose(results["query_outputs"].numpy()[0], out.numpy(),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(results["query_y"], batch.query_y)
 
 
 def test_meta_gradients_aligned_with_model_variables():

@@ -182,6 +182,8 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--num_filters=-3", "--num_filters must be >= 1, got -3"),
     ("--meta_lr=inf", "--meta_lr must be > 0 and finite, got inf"),
     ("--train_update_lr=inf", "--train_update_lr must be >= 0 and finite"),
+    ("--test_ensemble=5", "--test_ensemble=5 ranks checkpoints by "
+     "meta-validation accuracy: it needs a classification datasource"),
 ])
 def test_bad_flags_are_named(tmp_path, flag, message):
   proc = run(SINE + [f"--logdir={tmp_path}", flag], check=False)

@@ -1,6 +1,8 @@
 """runner.py on the image datasources: generated Omniglot, miniImageNet and
 Quick Draw caches end to end, and the errors that name flags and paths."""
 
+import json
+
 import pytest
 
 from tests import image_files
@@ -26,6 +28,26 @@ def test_train_then_test_mode_on_a_cache(omniglot_cache, tmp_path):
           in proc.stderr)
   proc = run(args + ["--train=False"])
   assert "val results after 20 iterations" in proc.stdout
+
+
+def test_ensemble_of_the_best_validated_checkpoints(omniglot_cache, tmp_path):
+  """--test_ensemble (HTTYM's MAML++ test): training keeps the best
+  meta-validations' checkpoints, and the test averages their logits; test
+  mode gives the same result."""
+  args = TINY + [f"--data_path={omniglot_cache}", f"--logdir={tmp_path}",
+                 "--test_ensemble=2", "--val_num_tasks=4"]
+  proc = run(args + ["--metatrain_iterations=30"])
+  run_dir = tmp_path / "cls_5.mbs_2.ubs_1.numstep1.updatelr0.4hidden4batchnorm"
+  top = json.loads((run_dir / "top_checkpoints" / "top.json").read_text())
+  assert len(top["checkpoints"]) == 2 and top["metric"] == "query_accuracy"
+  assert "Ensemble of 2: query accuracy" in proc.stderr
+  result = json.loads((run_dir / "test_ensemble2_ubs1_stepsize0.4.json")
+                      .read_text())["metrics"]["ensemble_query_accuracy"]
+  proc = run(args + ["--train=False", "--test_set=True"])
+  assert "test results after 30 iterations" in proc.stdout
+  again = json.loads((run_dir / "test_ensemble2_ubs1_stepsize0.4.json")
+                     .read_text())["metrics"]["ensemble_query_accuracy"]
+  assert again == result
 
 
 @pytest.fixture(scope="module")

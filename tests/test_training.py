@@ -420,3 +420,30 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
                      match="model-20 is unreadable .*, and .*checkpoints "
                      "holds no readable checkpoint before it"):
     make_trainer(tmp_path, 80).restore()
+
+
+def test_top_checkpoints_keep_the_best_validations(tmp_path):
+  """keep_top: the weights of the best meta-validations, best first (a tie
+  keeps the earlier; a repeated step is replaced), each restorable."""
+  trainer = make_trainer(tmp_path, 1, jit=False, keep_best="query_accuracy",
+                         keep_top=2)
+  variables = trainer.learner.trainable_variables
+  for step, value in [(10, 0.5), (20, 0.7), (30, 0.6), (40, 0.6),
+                      (50, 0.4), (30, 0.65)]:
+    trainer.step.assign(step)
+    for v in variables:
+      v.assign(tf.fill(v.shape, float(step)))
+    trainer.save_top(value)
+  top = training.top_checkpoints(str(tmp_path))
+  assert [(e["step"], e["value"]) for e in top] == [(20, 0.7), (30, 0.65)]
+  assert sorted(p.name for p in (tmp_path / "top_checkpoints").iterdir()
+                if p.suffix == ".index") == ["model-20.index",
+                                             "model-30.index"]
+  assert not (tmp_path / "tmp_top_checkpoints").exists()
+  for entry in top:
+    trainer.restore(entry["path"], weights_only=True)
+    assert int(trainer.step.numpy()) == entry["step"]
+    np.testing.assert_array_equal(helpers.flat(variables),
+                                  float(entry["step"]))
+  with pytest.raises(ValueError, match="keep_top=2 ranks meta-validations"):
+    make_trainer(tmp_path, 1, keep_top=2)

@@ -543,7 +543,9 @@ def _task_sources():
     # --train=False evaluates the val split (unless --test_set) as a
     # meta-test: with the meta-test query size, as the original.
     return image_data.task_sources(config, val_meta_test=not FLAGS.train)
-  except ValueError as e:  # a missing cache, or too few classes / examples
+  except image_data.CacheError as e:  # no cache there, or a damaged one
+    raise app.UsageError(f"--data_path: {e}") from e
+  except ValueError as e:  # too few classes or examples for the flags
     raise app.UsageError(str(e)) from e
 
 

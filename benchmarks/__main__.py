@@ -84,8 +84,11 @@ def _run_one(spec: dict) -> dict:
                                    steps_per_call=spec["steps_per_call"])
   learner = wl.build_learner(spec["algorithm"], workload, spec["xla"],
                              precision=spec.get("precision", "float32"))
+  # Nothing is written there (no summaries, no checkpoints); removed when
+  # this function returns.
+  run_dir = tempfile.TemporaryDirectory(prefix="benchmark-run-")
   config = training.TrainConfig(
-      run_dir=tempfile.mkdtemp(), num_iterations=1,
+      run_dir=run_dir.name, num_iterations=1,
       meta_batch_size=workload.meta_batch_size,
       clip_value=workload.clip_value,
       clip_norm=workload.clip_norm, steps_per_call=workload.steps_per_call,

@@ -45,6 +45,8 @@ def test_a_sum_of_outer_products_counts_as_the_matmul_it_replaces():
 
 def test_benchmark_command_writes_its_table_as_json(tmp_path):
   out = tmp_path / "bench.json"
+  temporary = tmp_path / "tmp"
+  temporary.mkdir()
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks", "--workloads", "sinusoid",
        "--algorithms", "maml", "--xla", "on", "--blocks", "2",
@@ -52,8 +54,9 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env={**{k: v for k, v in os.environ.items()
               if k not in ("XLA_FLAGS", "TF_NUM_INTRAOP_THREADS")},
-           "MALLOC_ARENA_MAX": "4"})
+           "MALLOC_ARENA_MAX": "4", "TMPDIR": str(temporary)})
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not list(temporary.iterdir())  # its run and cache directories
   result = json.loads(out.read_text())
   (row,) = result["rows"]
   assert row["workload"] == "sinusoid" and row["algorithm"] == "maml"

@@ -120,7 +120,7 @@ def test_fully_connected_net(omniglot_cache, tmp_path):
      ["has 2 examples, fewer than the 3 a task needs (1 support + 2 query",
       "the support size is --update_batch_size=1", "--num_query=2"]),
     (["--data_path={cache}", "--datasource=quickdraw"],
-     ["holds 'omniglot', not 'quickdraw'"]),
+     ["--data_path: {cache} holds 'omniglot', not 'quickdraw'"]),
     (["--datasource=imagenet"], ["--datasource='imagenet': expected"]),
     (["--data_path={cache}", "--num_classes=1"],
      ["--num_classes must be >= 2 for --datasource=omniglot, got 1"]),

@@ -445,5 +445,11 @@ def test_top_checkpoints_keep_the_best_validations(tmp_path):
     assert int(trainer.step.numpy()) == entry["step"]
     np.testing.assert_array_equal(helpers.flat(variables),
                                   float(entry["step"]))
+  # A resumed run ranks its validations against the kept ones.
+  resumed = make_trainer(tmp_path, 0, jit=False, keep_best="query_accuracy",
+                         keep_top=2)
+  resumed.train(sine_sources()[0])
+  assert resumed.top == [{k: e[k] for k in ("step", "value", "checkpoint")}
+                         for e in top]
   with pytest.raises(ValueError, match="keep_top=2 ranks meta-validations"):
     make_trainer(tmp_path, 1, keep_top=2)

@@ -96,9 +96,9 @@ class EvalResult:
     """A human-readable table of the per-step metrics."""
     per_step = [k for k, v in self.summary.items() if np.ndim(v["mean"]) == 1]
     lines = []
-    header = "step " + "".join(f"| {k:^34} " for k in per_step)
-    lines.append(header)
-    lines.append("-" * len(header))
+    if per_step:  # (an ensemble's test has none)
+      header = "step " + "".join(f"| {k:^34} " for k in per_step)
+      lines += [header, "-" * len(header)]
     num_steps = len(self.summary[per_step[0]]["mean"]) if per_step else 0
     for j in range(num_steps):
       cells = []

@@ -96,3 +96,5 @@ def test_ensemble_averages_the_members_logits():
                                         num_tasks=3, batch_size=2)
   np.testing.assert_array_equal(result.values["ensemble_query_accuracy"],
                                 [0.0, 0.0, 0.0])
+  assert result.table().splitlines()[0].startswith(  # no empty step header
+      "ensemble_query_accuracy: 0.0000 ± 0.0000")

@@ -185,11 +185,14 @@ flags.DEFINE_integer("num_query_test", -1,
                      "Query examples per class at meta-test time (image "
                      "datasources); -1: the original's rule (K, so 1 for "
                      "1-shot miniimagenet).")
-flags.DEFINE_enum("rotation", "auto", ["auto", "task", "classes", "none"],
+flags.DEFINE_enum("rotation", "auto", ["auto", "task", "train", "classes",
+                                        "none"],
                   "90-degree rotations of image classes: task (a random "
                   "multiple per class and task, the original's Omniglot "
-                  "augmentation, on every split), classes (each rotation is "
-                  "a new class), none; auto: task for omniglot, else none.")
+                  "augmentation, on every split), train (the same on the "
+                  "train split only, as HowToTrainYourMAML), classes (each "
+                  "rotation is a new class), none; auto: task for omniglot, "
+                  "else none.")
 
 # ------------------------------------------ MAML family (anil, metasgd, mamlpp)
 flags.DEFINE_bool("anil_cache_features", True,

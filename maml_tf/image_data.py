@@ -38,7 +38,7 @@ FORMAT = "maml_tf.class_cache"
 VERSION = 1
 INDEX_FILE = "index.json"
 DATASOURCES = ("omniglot", "miniimagenet", "quickdraw")
-ROTATIONS = ("auto", "task", "classes", "none")
+ROTATIONS = ("auto", "task", "train", "classes", "none")
 
 # The command that builds each cache, quoted by every "cache not found" error.
 PREPARE_COMMANDS = {
@@ -244,8 +244,9 @@ class ImageTasksConfig:
     num_query_test: query examples per class at meta-test time
       (``--num_query_test``; -1: the original's rule).
     rotation: 'task' (a random multiple of 90 degrees per class and task, the
-      original's Omniglot augmentation, applied to every split), 'classes'
-      (the four rotations of every class are distinct classes), 'none', or
+      original's Omniglot augmentation, applied to every split), 'train' (the
+      same in the train split only, as HowToTrainYourMAML), 'classes' (the
+      four rotations of every class are distinct classes), 'none', or
       'auto' ('task' for Omniglot, 'none' otherwise) (``--rotation``).
     seed: seeds every split's task stream (``--seed``).
   """
@@ -319,9 +320,9 @@ def task_sources(config: ImageTasksConfig, val_meta_test: bool = False
   def make(split: str, meta_test: bool) -> FewShotTasks:
     num_query = config.query_size(meta_test)
     flag = "--num_query_test" if meta_test else "--num_query"
+    rotate = mode == "task" or mode == "train" and split == "train"
     task_config = FewShotConfig(config.num_classes, config.num_shots,
-                                num_query, rotate=mode == "task",
-                                seed=config.seed)
+                                num_query, rotate=rotate, seed=config.seed)
     try:
       return FewShotTasks(splits[split], task_config, split)
     except ValueError as e:

@@ -51,6 +51,10 @@ def test_task_batches_are_float_images_and_omniglot_rotates(omniglot_cache):
   none = image_data.ImageTasksConfig(str(omniglot_cache), "omniglot", 5, 1,
                                      rotation="none")
   assert not image_data.task_sources(none)[0].config.rotate
+  # HTTYM's: rotated training tasks, unrotated validation and test tasks.
+  train_only = image_data.task_sources(image_data.ImageTasksConfig(
+      str(omniglot_cache), "omniglot", 5, 1, rotation="train"))
+  assert [s.config.rotate for s in train_only] == [True, False, False]
 
 
 def test_rotations_as_classes(omniglot_cache):

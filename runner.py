@@ -477,12 +477,15 @@ def _check_flags() -> None:
                          "checkpoint; --test_ensemble="
                          f"{FLAGS.test_ensemble} the best-validated ones: "
                          "give one of them")
-  if FLAGS.test_ensemble and (_is_sinusoid() or not FLAGS.val_interval):
+  if FLAGS.test_ensemble and (_is_sinusoid() or FLAGS.train and (
+      not FLAGS.val_interval or _last_validation() <= FLAGS.pretrain_iterations)):
     raise app.UsageError(
         f"--test_ensemble={FLAGS.test_ensemble} ranks checkpoints by "
         "meta-validation accuracy: it needs a classification datasource "
-        f"and --val_interval > 0 (got --datasource={FLAGS.datasource}, "
-        f"--val_interval={FLAGS.val_interval})")
+        "and a meta-validation while meta-training (every --val_interval "
+        f"steps; got --datasource={FLAGS.datasource}, --val_interval="
+        f"{FLAGS.val_interval}, --metatrain_iterations="
+        f"{FLAGS.metatrain_iterations})")
   _loss_scale()
   from maml_tf import image_data
   if FLAGS.datasource not in ("sinusoid",) + image_data.DATASOURCES:
@@ -507,6 +510,13 @@ def _check_flags() -> None:
 # ----------------------------------------------------------- MAML family
 def _is_sinusoid() -> bool:
   return FLAGS.datasource == "sinusoid"
+
+
+def _last_validation() -> int:
+  """The last step that meta-validates (the training loop validates when the
+  step is a multiple of ``--val_interval``, after pretraining)."""
+  total = FLAGS.pretrain_iterations + FLAGS.metatrain_iterations
+  return total - total % FLAGS.val_interval
 
 
 def _test_num_updates() -> int:
@@ -724,11 +734,12 @@ def _evaluate_and_report(learner, trainer, source, split: str) -> None:
                FLAGS.num_test_tasks, split, steps)
   batch_size = min(FLAGS.test_batch_size, FLAGS.num_test_tasks)
   if FLAGS.test_ensemble:
+    members = _ensemble_restores(trainer)
     result = evaluation.evaluate_ensemble(
         lambda batch: learner.evaluate(batch, num_steps=steps,
                                        return_outputs=True),
-        _ensemble_restores(trainer), source, FLAGS.num_test_tasks,
-        batch_size, jit_compile=FLAGS.jit_compile)
+        members, source, FLAGS.num_test_tasks, batch_size,
+        jit_compile=FLAGS.jit_compile)
   else:
     result = evaluation.evaluate(
         lambda batch: learner.evaluate(batch, num_steps=steps), source,
@@ -736,8 +747,8 @@ def _evaluate_and_report(learner, trainer, source, split: str) -> None:
   result.warn_nonfinite()
   basename = (f"{split}_ubs{FLAGS.update_batch_size}"
               f"_stepsize{_float_str(FLAGS.update_lr)}")
-  if FLAGS.test_ensemble:
-    basename = basename.replace("_", f"_ensemble{FLAGS.test_ensemble}_", 1)
+  if FLAGS.test_ensemble:  # (the members there were; a warning if fewer)
+    basename = basename.replace("_", f"_ensemble{len(members)}_", 1)
   elif not FLAGS.train and FLAGS.test_iter > 0:  # keep the final results
     basename += f"_iter{FLAGS.test_iter}"
   paths = result.write(trainer.config.run_dir, basename)
@@ -758,8 +769,8 @@ def _ensemble_restores(trainer) -> list:
   if not top:
     raise app.UsageError(
         f"--test_ensemble={FLAGS.test_ensemble}: {run_dir} kept no "
-        "best-validated checkpoints (top_checkpoints/); they are kept while "
-        "training with --test_ensemble")
+        "best-validated checkpoints (top_checkpoints/); they are kept at "
+        "each meta-validation of a training run with --test_ensemble")
   if len(top) < FLAGS.test_ensemble:
     logging.warning("--test_ensemble=%d: only %d meta-validations were "
                     "kept; the ensemble has %d members.", FLAGS.test_ensemble,

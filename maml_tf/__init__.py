@@ -82,9 +82,9 @@ def gpus_tensorflow_cannot_use(
   Then everything runs on the CPU: a CPU-only TensorFlow wheel, or missing
   CUDA libraries (``pip install "tensorflow[and-cuda]"``). TensorFlow's own
   warning is hidden at ``TF_CPP_MIN_LOG_LEVEL=2``. GPUs hidden on purpose,
-  with an empty ``CUDA_VISIBLE_DEVICES``, do not count.
+  with ``CUDA_VISIBLE_DEVICES`` empty or -1, do not count.
   """
-  if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+  if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
     return 0
   try:
     listed = len(os.listdir(driver_directory))

@@ -242,6 +242,9 @@ def evaluate_ensemble(outputs_fn: Callable,
                       jit_compile=None).values
     outputs = values["query_outputs"].astype(np.float64)
     total = outputs if total is None else total + outputs
+    if labels is not None and not np.array_equal(labels, values["query_y"]):
+      raise ValueError("the task source gave the ensemble's members "
+                       "different tasks; it must be deterministic")
     labels = values["query_y"]
     logging.info("Ensemble member %d of %d: query accuracy %.4f alone.",
                  i + 1, len(restore_fns),

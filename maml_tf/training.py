@@ -453,6 +453,8 @@ class Trainer:
     ``run_dir/top_checkpoints`` when ``value`` ranks there (a tie keeps the
     earlier), replacing the directory atomically with its ``top.json``."""
     c = self.config
+    if not math.isfinite(value):  # (as save_best's ">" never keeps one)
+      return
     step = int(self.step.numpy())
     entry = {"step": step, "value": value, "checkpoint": f"model-{step}"}
     # (A run resumed from before a validation it already made repeats it.)
@@ -716,14 +718,24 @@ def top_checkpoints(run_dir: str) -> list[dict]:
   """
   directory = os.path.join(run_dir, TOP_DIR)
   recover_replaced_dir(directory)
+  info = os.path.join(directory, "top.json")
   try:
-    with open(os.path.join(directory, "top.json")) as f:
+    with open(info) as f:
       entries = json.load(f)["checkpoints"]
+    for e in entries:
+      if not (isinstance(e["step"], int) and
+              isinstance(e["value"], (int, float)) and
+              math.isfinite(e["value"]) and isinstance(e["checkpoint"], str)
+              and os.path.basename(e["checkpoint"]) == e["checkpoint"]):
+        raise ValueError(f"malformed entry {e!r}")
+      if not os.path.exists(os.path.join(directory,
+                                         e["checkpoint"] + ".index")):
+        raise ValueError(f"it lists {e['checkpoint']}, which is not there")
   except FileNotFoundError:
     return []
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointUnreadableError(
-        f"{directory}/top.json is unreadable ({type(e).__name__}: {e})") from e
+        f"{info} is unreadable ({type(e).__name__}: {e})") from e
   return [dict(e, path=os.path.join(directory, e["checkpoint"]))
           for e in entries]
 

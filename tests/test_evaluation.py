@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from maml_tf import evaluation
@@ -98,3 +99,21 @@ def test_ensemble_averages_the_members_logits():
                                 [0.0, 0.0, 0.0])
   assert result.table().splitlines()[0].startswith(  # no empty step header
       "ensemble_query_accuracy: 0.0000 ± 0.0000")
+
+
+def test_an_ensemble_needs_the_same_tasks_for_every_member():
+  class Drifting(_TwoQueryTasks):
+    calls = 0
+
+    def batch(self, index, num_tasks):
+      Drifting.calls += 1
+      batch = super().batch(index, num_tasks)
+      return batch._replace(query_y=batch.query_y[:, ::(-1) ** self.calls])
+
+  def outputs(batch):
+    return {"query_outputs": tf.one_hot(batch.query_y, 2),
+            "query_y": batch.query_y}
+
+  with pytest.raises(ValueError, match="gave the ensemble's members "
+                     "different tasks"):
+    evaluation.evaluate_ensemble(outputs, [lambda: None] * 2, Drifting(), 2, 2)

@@ -153,8 +153,9 @@ def test_gpus_the_driver_lists_but_tensorflow_cannot_use(tmp_path,
   monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   assert maml_tf.gpus_tensorflow_cannot_use(str(tmp_path)) == 2
   assert maml_tf.gpus_tensorflow_cannot_use(str(tmp_path / "none")) == 0
-  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose
-  assert maml_tf.gpus_tensorflow_cannot_use(str(tmp_path)) == 0
+  for hidden in ("", "-1"):  # on purpose
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    assert maml_tf.gpus_tensorflow_cannot_use(str(tmp_path)) == 0
   monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
   monkeypatch.setattr(tf.config, "list_logical_devices",
                       lambda kind=None: ["/device:GPU:0"])

@@ -183,7 +183,10 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--meta_lr=inf", "--meta_lr must be > 0 and finite, got inf"),
     ("--train_update_lr=inf", "--train_update_lr must be >= 0 and finite"),
     ("--test_ensemble=5", "--test_ensemble=5 ranks checkpoints by "
-     "meta-validation accuracy: it needs a classification datasource"),
+     "meta-validation accuracy: it needs a classification datasource and a "
+     "meta-validation while meta-training (every --val_interval steps; got "
+     "--datasource=sinusoid, --val_interval=500, --metatrain_iterations="
+     "15000)"),
 ])
 def test_bad_flags_are_named(tmp_path, flag, message):
   proc = run(SINE + [f"--logdir={tmp_path}", flag], check=False)

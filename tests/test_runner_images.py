@@ -124,6 +124,11 @@ def test_fully_connected_net(omniglot_cache, tmp_path):
     (["--datasource=imagenet"], ["--datasource='imagenet': expected"]),
     (["--data_path={cache}", "--num_classes=1"],
      ["--num_classes must be >= 2 for --datasource=omniglot, got 1"]),
+    # It trained, then found nothing to test: no step 10 to validate at.
+    (["--data_path={cache}", "--test_ensemble=2"],
+     ["a meta-validation while meta-training (every --val_interval steps; "
+      "got --datasource=omniglot, --val_interval=10, "
+      "--metatrain_iterations=1)"]),
 ])
 def test_errors_name_flags_and_paths(omniglot_cache, tmp_path, extra, messages):
   args = TINY + [f"--logdir={tmp_path}", "--metatrain_iterations=1"]

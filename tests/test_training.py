@@ -428,14 +428,22 @@ def test_top_checkpoints_keep_the_best_validations(tmp_path):
   trainer = make_trainer(tmp_path, 1, jit=False, keep_best="query_accuracy",
                          keep_top=2)
   variables = trainer.learner.trainable_variables
-  for step, value in [(10, 0.5), (20, 0.7), (30, 0.6), (40, 0.6),
-                      (50, 0.4), (30, 0.65)]:
+
+  def validate(step, value):
     trainer.step.assign(step)
     for v in variables:
       v.assign(tf.fill(v.shape, float(step)))
     trainer.save_top(value)
+    return [(e["step"], e["value"]) for e in
+            training.top_checkpoints(str(tmp_path))]
+
+  for step, value in [(10, 0.5), (20, 0.7), (30, 0.6)]:
+    validate(step, value)
+  assert validate(40, 0.6) == [(20, 0.7), (30, 0.6)]  # a tie: the earlier
+  assert validate(50, float("nan")) == [(20, 0.7), (30, 0.6)]
+  assert validate(30, 0.65) == [(20, 0.7), (30, 0.65)]  # one entry a step
+  assert validate(50, 0.4) == [(20, 0.7), (30, 0.65)]
   top = training.top_checkpoints(str(tmp_path))
-  assert [(e["step"], e["value"]) for e in top] == [(20, 0.7), (30, 0.65)]
   assert sorted(p.name for p in (tmp_path / "top_checkpoints").iterdir()
                 if p.suffix == ".index") == ["model-20.index",
                                              "model-30.index"]
@@ -453,3 +461,22 @@ def test_top_checkpoints_keep_the_best_validations(tmp_path):
                          for e in top]
   with pytest.raises(ValueError, match="keep_top=2 ranks meta-validations"):
     make_trainer(tmp_path, 1, keep_top=2)
+
+
+@pytest.mark.parametrize("entries, message", [
+    ('{"checkpoints": [{"step": 1}]}', "KeyError"),
+    ('{"checkpoints": [1, 2]}', "TypeError"),
+    ('{"checkpoints": [{"step": 1, "value": "high", "checkpoint": "model-1"}]}',
+     "malformed entry"),
+    ('{"checkpoints": [{"step": 1, "value": 0.5, "checkpoint": "../model-1"}]}',
+     "malformed entry"),
+    ('{"checkpoints": [{"step": 1, "value": 0.5, "checkpoint": "model-1"}]}',
+     "it lists model-1, which is not there"),
+    ('{"checkpoints": ', "JSONDecodeError"),
+])
+def test_a_damaged_top_json_is_named(tmp_path, entries, message):
+  (tmp_path / "top_checkpoints").mkdir()
+  (tmp_path / "top_checkpoints" / "top.json").write_text(entries)
+  with pytest.raises(training.CheckpointUnreadableError,
+                     match=f"top_checkpoints/top.json is unreadable .*{message}"):
+    training.top_checkpoints(str(tmp_path))

@@ -451,7 +451,9 @@ class Trainer:
   def save_top(self, value: float) -> None:
     """Keeps the current weights among the ``keep_top`` best in
     ``run_dir/top_checkpoints`` when ``value`` ranks there (a tie keeps the
-    earlier), replacing the directory atomically with its ``top.json``."""
+    earlier), replacing the directory atomically with its ``top.json``.
+    They are weights-only checkpoints: ``restore(path, weights_only=True)``
+    reads them."""
     c = self.config
     if not math.isfinite(value):  # (as save_best's ">" never keeps one)
       return
@@ -472,7 +474,10 @@ class Trainer:
         for path in glob.glob(os.path.join(glob.escape(top_dir),
                                            kept["checkpoint"] + ".*")):
           shutil.copy2(path, tmp_dir)
-    self.checkpoint.write(os.path.join(tmp_dir, entry["checkpoint"]))
+    # The weights alone (a third of a checkpoint with Adam's moments): an
+    # ensemble member is only ever restored to be evaluated.
+    tf.train.Checkpoint(**self._checkpointed(weights_only=True)).write(
+        os.path.join(tmp_dir, entry["checkpoint"]))
     atomic_write(os.path.join(tmp_dir, "top.json"), json.dumps(
         {"metric": c.keep_best, "checkpoints": ranked}, indent=1))
     atomic_replace_dir(tmp_dir, top_dir)

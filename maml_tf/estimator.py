@@ -33,6 +33,7 @@ import dataclasses
 import tempfile
 
 import numpy as np
+from absl import logging
 
 from maml_tf import evaluation, training
 from maml_tf.models import CLASSIFICATION
@@ -66,6 +67,7 @@ class MetaEstimator:
                "log_every": None, "print_every": None, "resume": False}
     options.update(train_options)
     self.train_options = options
+    self._config(1)  # an unknown or invalid option fails here, not in fit
     self.trainer: training.Trainer | None = None
 
   def _config(self, num_iterations: int) -> training.TrainConfig:
@@ -95,10 +97,18 @@ class MetaEstimator:
     """
     if num_iterations < 1:
       raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    if val_source is not None and not self.train_options["val_every"]:
+      raise ValueError("val_source is used every val_every meta-iterations; "
+                       "pass val_every=<n> to MetaEstimator")
     if self.trainer is None:
       self.trainer = training.Trainer(self.learner,
                                       self._config(num_iterations))
     else:
+      if self.train_options.get("lr_schedule") == "cosine":
+        logging.warning(
+            "fit again with lr_schedule='cosine': the schedule spanned the "
+            "first fit, so training continues at its final rate min_meta_lr="
+            "%s.", self.trainer.config.min_meta_lr)
       done = int(self.trainer.step.numpy())
       self.trainer.config = dataclasses.replace(
           self._config(num_iterations),
@@ -110,23 +120,77 @@ class MetaEstimator:
   def predict_outputs(self, support_x, support_y, query_x,
                       num_steps: int | None = None) -> np.ndarray:
     """Adapts to one task; returns raw query outputs ``[Q, num_outputs]``
-    (logits for classification)."""
+    (logits for classification). Arguments as ``predict``.
+
+    Raises:
+      ValueError: naming the argument whose shape, type or values do not
+        fit the model.
+    """
+    support_x, support_y, query_x = self._checked_task(
+        support_x, support_y, query_x, num_steps)
     return np.asarray(self.learner.adapt_and_predict(
-        np.asarray(support_x), np.asarray(support_y), np.asarray(query_x),
-        num_steps))
+        support_x, support_y, query_x, num_steps))
+
+  def _checked_task(self, support_x, support_y, query_x,
+                    num_steps: int | None):
+    """One task's arrays, checked against the model (a wrong label or shape
+    would otherwise train on a broadcast loss, or fail deep in TensorFlow)."""
+    model = self.learner.model
+    support_x, support_y = np.asarray(support_x), np.asarray(support_y)
+    query_x = np.asarray(query_x)
+    if num_steps is not None and num_steps < 0:
+      raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    if support_x.ndim < 1 or not len(support_x):
+      raise ValueError("support_x: expected [S, *example_shape] with S >= 1, "
+                       f"got shape {support_x.shape}")
+    if query_x.ndim < 1 or query_x.shape[1:] != support_x.shape[1:]:
+      raise ValueError(f"query_x: expected [Q, {support_x.shape[1:]} as "
+                       f"support_x], got shape {query_x.shape}")
+    size = int(np.prod(model.example_shape))
+    if int(np.prod(support_x.shape[1:])) != size:
+      raise ValueError(f"support_x: each example must hold {size} values "
+                       f"(the model's {model.example_shape}), got shape "
+                       f"{support_x.shape}")
+    s = len(support_x)
+    if model.task_type == CLASSIFICATION:
+      if (support_y.shape != (s,) or
+          not np.issubdtype(support_y.dtype, np.integer)):
+        raise ValueError(f"support_y: expected [{s}] integer class ids, got "
+                         f"shape {support_y.shape} of {support_y.dtype}")
+      if support_y.min() < 0 or support_y.max() >= model.num_outputs:
+        raise ValueError(f"support_y: class ids must be in 0..."
+                         f"{model.num_outputs - 1}, got "
+                         f"{support_y.min()}..{support_y.max()}")
+      return support_x, support_y.astype(np.int32), query_x
+    if support_y.shape == (s,) and model.num_outputs == 1:
+      support_y = support_y[:, None]
+    if support_y.shape != (s, model.num_outputs):
+      raise ValueError(f"support_y: expected [{s}, {model.num_outputs}] "
+                       f"targets, got shape {support_y.shape}")
+    return support_x, support_y.astype(np.float32), query_x
 
   def predict(self, support_x, support_y, query_x,
               num_steps: int | None = None) -> np.ndarray:
     """Adapts to one task and predicts its query set.
 
+    The query set is one batch: with batch norm, which normalises with the
+    current batch's statistics as the original MAML does, a query's
+    prediction depends on the other queries passed with it. Pass a task's
+    whole query set together.
+
     Args:
       support_x: ``[S, *example_shape]`` support inputs.
-      support_y: ``[S]`` class ids or ``[S, 1]`` regression targets.
+      support_y: ``[S]`` integer class ids in ``0..N-1``, or ``[S, 1]`` (or
+        ``[S]``) regression targets.
       query_x: ``[Q, *example_shape]``.
       num_steps: inner steps (default: the learner's evaluation steps).
 
     Returns:
       Class ids ``[Q]`` (classification) or predictions ``[Q, 1]``.
+
+    Raises:
+      ValueError: naming the argument whose shape, type or values do not
+        fit the model.
     """
     outputs = self.predict_outputs(support_x, support_y, query_x, num_steps)
     if self.learner.model.task_type == CLASSIFICATION:
@@ -146,6 +210,8 @@ class MetaEstimator:
     Returns:
       ``(mean, ci95)`` with ``ci95 = 1.96 std / sqrt(num_tasks)``.
     """
+    if num_tasks < 1:
+      raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
     steps = (self.learner.num_inner_steps_eval if num_steps is None
              else num_steps)
     name = ("query_accuracy" if self.learner.model.task_type == CLASSIFICATION

@@ -167,7 +167,7 @@ class MetaEstimator:
     if support_y.shape != (s, model.num_outputs):
       raise ValueError(f"support_y: expected [{s}, {model.num_outputs}] "
                        f"targets, got shape {support_y.shape}")
-    return support_x, support_y.astype(np.float32), query_x
+    return support_x, support_y, query_x  # (the learner casts them)
 
   def predict(self, support_x, support_y, query_x,
               num_steps: int | None = None) -> np.ndarray:

@@ -124,6 +124,9 @@ def test_fully_connected_net(omniglot_cache, tmp_path):
     (["--datasource=imagenet"], ["--datasource='imagenet': expected"]),
     (["--data_path={cache}", "--num_classes=1"],
      ["--num_classes must be >= 2 for --datasource=omniglot, got 1"]),
+    (["--data_path={cache}", "--test_ensemble=2", "--test_iter=10"],
+     ["--test_iter=10 tests one checkpoint; --test_ensemble=2 the "
+      "best-validated ones: give one of them"]),
     # It trained, then found nothing to test: no step 10 to validate at.
     (["--data_path={cache}", "--test_ensemble=2"],
      ["a meta-validation while meta-training (every --val_interval steps; "

@@ -478,7 +478,8 @@ def _check_flags() -> None:
                          f"{FLAGS.test_ensemble} the best-validated ones: "
                          "give one of them")
   if FLAGS.test_ensemble and (_is_sinusoid() or FLAGS.train and (
-      not FLAGS.val_interval or _last_validation() <= FLAGS.pretrain_iterations)):
+      not FLAGS.val_interval or
+      _last_validation() <= FLAGS.pretrain_iterations)):
     raise app.UsageError(
         f"--test_ensemble={FLAGS.test_ensemble} ranks checkpoints by "
         "meta-validation accuracy: it needs a classification datasource "
@@ -745,11 +746,11 @@ def _evaluate_and_report(learner, trainer, source, split: str) -> None:
         lambda batch: learner.evaluate(batch, num_steps=steps), source,
         FLAGS.num_test_tasks, batch_size, jit_compile=FLAGS.jit_compile)
   result.warn_nonfinite()
-  basename = (f"{split}_ubs{FLAGS.update_batch_size}"
+  # An ensemble's names count the members there were (a warning if fewer).
+  kind = f"{split}_ensemble{len(members)}" if FLAGS.test_ensemble else split
+  basename = (f"{kind}_ubs{FLAGS.update_batch_size}"
               f"_stepsize{_float_str(FLAGS.update_lr)}")
-  if FLAGS.test_ensemble:  # (the members there were; a warning if fewer)
-    basename = basename.replace("_", f"_ensemble{len(members)}_", 1)
-  elif not FLAGS.train and FLAGS.test_iter > 0:  # keep the final results
+  if not FLAGS.train and FLAGS.test_iter > 0:  # keep the final results
     basename += f"_iter{FLAGS.test_iter}"
   paths = result.write(trainer.config.run_dir, basename)
   if split == "test":  # the test-split means, as LEO's metatest/ scalars

@@ -131,4 +131,5 @@ def peak_gpu_mb() -> float | None:
 def gpu_names() -> list[str]:
   """The model of each GPU TensorFlow sees (empty on a CPU-only host)."""
   return [tf.config.experimental.get_device_details(gpu).get(
-      "device_name", gpu.name) for gpu in tf.config.list_physical_devices("GPU")]
+      "device_name", gpu.name)
+          for gpu in tf.config.list_physical_devices("GPU")]

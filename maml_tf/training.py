@@ -431,20 +431,31 @@ class Trainer:
     logging.info("Saved checkpoint %s", path)
     return path
 
-  def save_best(self, value: float) -> None:
-    """Copies the current weights to ``run_dir/best_checkpoint`` atomically
-    (written to a temporary directory, then renamed), with the value."""
-    best_dir = os.path.join(self.config.run_dir, "best_checkpoint")
-    tmp_dir = os.path.join(self.config.run_dir, "tmp_best_checkpoint")
+  def _replace_directory(self, name: str,
+                         fill: Callable[[str], None]) -> str:
+    """Replaces ``run_dir/<name>`` atomically with what ``fill(tmp_dir)``
+    writes into a fresh temporary directory; returns the directory."""
+    directory = os.path.join(self.config.run_dir, name)
+    tmp_dir = os.path.join(self.config.run_dir, "tmp_" + name)
     if os.path.exists(tmp_dir):
       shutil.rmtree(tmp_dir)
     os.makedirs(tmp_dir)
+    fill(tmp_dir)
+    atomic_replace_dir(tmp_dir, directory)
+    return directory
+
+  def save_best(self, value: float) -> None:
+    """Copies the current weights to ``run_dir/best_checkpoint`` atomically
+    (written to a temporary directory, then renamed), with the value."""
     step = int(self.step.numpy())
-    prefix = self.checkpoint.write(os.path.join(tmp_dir, f"model-{step}"))
-    atomic_write(os.path.join(tmp_dir, "best.json"), json.dumps(
-        {"step": step, "metric": self.config.keep_best, "value": value,
-         "checkpoint": os.path.basename(prefix)}))
-    atomic_replace_dir(tmp_dir, best_dir)
+
+    def fill(tmp_dir):
+      prefix = self.checkpoint.write(os.path.join(tmp_dir, f"model-{step}"))
+      atomic_write(os.path.join(tmp_dir, "best.json"), json.dumps(
+          {"step": step, "metric": self.config.keep_best, "value": value,
+           "checkpoint": os.path.basename(prefix)}))
+
+    best_dir = self._replace_directory("best_checkpoint", fill)
     logging.info("New best meta-validation %s = %.4f at step %d -> %s",
                  self.config.keep_best, value, step, best_dir)
 
@@ -464,23 +475,22 @@ class Trainer:
                     key=lambda e: -e["value"])[:c.keep_top]
     if entry not in ranked:
       return
-    top_dir = os.path.join(c.run_dir, TOP_DIR)
-    tmp_dir = os.path.join(c.run_dir, "tmp_" + TOP_DIR)
-    if os.path.exists(tmp_dir):
-      shutil.rmtree(tmp_dir)
-    os.makedirs(tmp_dir)
-    for kept in ranked:
-      if kept is not entry:
-        for path in glob.glob(os.path.join(glob.escape(top_dir),
-                                           kept["checkpoint"] + ".*")):
-          shutil.copy2(path, tmp_dir)
-    # The weights alone (a third of a checkpoint with Adam's moments): an
-    # ensemble member is only ever restored to be evaluated.
-    tf.train.Checkpoint(**self._checkpointed(weights_only=True)).write(
-        os.path.join(tmp_dir, entry["checkpoint"]))
-    atomic_write(os.path.join(tmp_dir, "top.json"), json.dumps(
-        {"metric": c.keep_best, "checkpoints": ranked}, indent=1))
-    atomic_replace_dir(tmp_dir, top_dir)
+    old_dir = os.path.join(c.run_dir, TOP_DIR)
+
+    def fill(tmp_dir):
+      for kept in ranked:
+        if kept is not entry:
+          for path in glob.glob(os.path.join(glob.escape(old_dir),
+                                             kept["checkpoint"] + ".*")):
+            shutil.copy2(path, tmp_dir)
+      # The weights alone (a third of a checkpoint with Adam's moments): an
+      # ensemble member is only ever restored to be evaluated.
+      tf.train.Checkpoint(**self._checkpointed(weights_only=True)).write(
+          os.path.join(tmp_dir, entry["checkpoint"]))
+      atomic_write(os.path.join(tmp_dir, "top.json"), json.dumps(
+          {"metric": c.keep_best, "checkpoints": ranked}, indent=1))
+
+    top_dir = self._replace_directory(TOP_DIR, fill)
     self.top = ranked
     logging.info("Meta-validation %s = %.4f at step %d is number %d of the "
                  "%d best -> %s", c.keep_best, value, step,

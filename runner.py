@@ -158,6 +158,14 @@ flags.DEFINE_bool("test_after_train", True,
 flags.DEFINE_integer("steps_per_call", -1,
                      "Meta-steps per compiled call; -1: 100 for sinusoid, 1 "
                      "otherwise.")
+flags.DEFINE_integer("tasks_per_chunk", None,
+                     "Tasks differentiated at once: each meta-step sums the "
+                     "meta-gradients of chunks of this many tasks in a "
+                     "compiled loop (the same meta-gradient, a smaller "
+                     "program). Must divide --meta_batch_size. Default: 1 "
+                     "for image models with a meta-batch of at most 4, "
+                     "chunks of up to 8 tasks for larger ones, all tasks for "
+                     "the sinusoid.")
 flags.DEFINE_integer("summary_interval", 100,
                      "TensorBoard summary interval (the original: 100).")
 flags.DEFINE_integer("print_interval", -1,
@@ -687,7 +695,9 @@ def _train_config(run_dir: str):
                         ("save_every", "--save_interval"),
                         ("pretrain_iterations", "--pretrain_iterations"),
                         ("max_to_keep", "--max_checkpoints"),
-                        ("steps_per_call", "--steps_per_call")]:
+                        ("steps_per_call", "--steps_per_call"),
+                        ("tasks_per_chunk", "--tasks_per_chunk"),
+                        ("meta_batch_size=", "--meta_batch_size=")]:
       message = message.replace(field, flag)
     if "--steps_per_call" in message:
       message += (" (--steps_per_call meta-steps run per compiled call: 100 "
@@ -719,6 +729,7 @@ def _make_train_config(run_dir: str, pretrain: int, metatrain: int,
       save_every=FLAGS.save_interval,
       max_to_keep=FLAGS.max_checkpoints,
       steps_per_call=steps_per_call,
+      tasks_per_chunk=FLAGS.tasks_per_chunk,
       jit_compile=FLAGS.jit_compile,
       resume=FLAGS.resume,
       seed=FLAGS.seed,

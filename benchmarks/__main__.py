@@ -92,10 +92,15 @@ def _run_one(spec: dict) -> dict:
       meta_batch_size=workload.meta_batch_size,
       clip_value=workload.clip_value,
       clip_norm=workload.clip_norm, steps_per_call=workload.steps_per_call,
+      # LEO takes every task at once (its learner has no default chunks).
+      tasks_per_chunk=(spec.get("tasks_per_chunk") or None
+                       if workload.model else None),
       log_every=workload.steps_per_call, print_every=workload.steps_per_call,
       save_every=workload.steps_per_call, val_every=0,
       jit_compile=spec["xla"], log=False, resume=False)
   trainer = training.Trainer(learner, config)
+  settings["tasks_per_chunk"] = trainer.tasks_per_chunk(
+      workload.meta_batch_size)
   source = workload.source()
 
   # Input cost: the sampler producing meta-batches (host side); evaluation
@@ -254,6 +259,10 @@ def main() -> None:
   parser.add_argument("--steps_per_call", type=int, default=0,
                       help="meta-steps per compiled call (0: each workload's "
                       "default: 100 for sinusoid, else 1)")
+  parser.add_argument("--tasks_per_chunk", type=int, default=0,
+                      help="tasks a MAML-family meta-step differentiates at "
+                      "once, as runner.py --tasks_per_chunk (0: the "
+                      "learner's default; the meta-batch size: all at once)")
   parser.add_argument("--intra_op_threads", type=int, default=-1,
                       help="TensorFlow intra-op threads (-1: each workload's "
                       "default, as runner.py: 1 for sinusoid; 0: TensorFlow's "
@@ -307,6 +316,10 @@ def main() -> None:
   if args.steps_per_call < 0:
     parser.error(f"--steps_per_call={args.steps_per_call}: expected >= 1, "
                  "or 0 for each workload's default")
+  if args.tasks_per_chunk < 0:
+    parser.error(f"--tasks_per_chunk={args.tasks_per_chunk}: expected a "
+                 "divisor of the meta-batch size, or 0 for the learner's "
+                 "default")
 
   from benchmarks import workloads as wl
   known = wl.workloads()
@@ -354,6 +367,7 @@ def main() -> None:
             "precision": precision, "xla": xla == "on",
             "blocks": args.blocks, "block_seconds": args.block_seconds,
             "steps_per_call": args.steps_per_call,
+            "tasks_per_chunk": args.tasks_per_chunk,
             "intra_op_threads": args.intra_op_threads,
             "omniglot_cache": args.omniglot_cache,
             "allow_tf32": args.allow_tf32}

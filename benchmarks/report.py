@@ -40,6 +40,9 @@ def markdown_table(results: list[dict]) -> str:
       threads = r.get("intra_op_threads")  # 0 or absent: TF's default
       if threads:
         notes.append(f"{threads} thread" + ("s" if threads > 1 else ""))
+      chunk = r.get("tasks_per_chunk")  # absent: before chunks existed
+      if chunk and chunk != r.get("meta_batch_size"):
+        notes.append(f"chunks of {chunk}")
       if notes:
         cells[1] += f" ({', '.join(notes)})"
       if "error" in r:

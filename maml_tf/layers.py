@@ -275,7 +275,7 @@ def extract_patches(x: tf.Tensor, kernel_size: int, stride: int) -> tf.Tensor:
 # gradient lowers to a convolution that XLA leaves in another layout inside
 # ``tf.cond`` branches (MAML++'s multi-step loss) and runs as a naive loop
 # there (MAML++'s miniImageNet step took 109 instead of 7 s).
-_MAX_PER_TASK_CONV_TASKS = 4
+MAX_PER_TASK_CONV_TASKS = 4
 
 
 def _flipped(w: tf.Tensor) -> tf.Tensor:
@@ -331,7 +331,7 @@ def _per_task_convolutions(x: tf.Tensor, kernel_size: int,
                            stride: int) -> bool:
   """Whether ``Conv2D`` runs one convolution per task (see above)."""
   tasks = x.shape[0]
-  return (tasks is not None and tasks <= _MAX_PER_TASK_CONV_TASKS and
+  return (tasks is not None and tasks <= MAX_PER_TASK_CONV_TASKS and
           stride == 1 and kernel_size % 2 == 1 and
           x.dtype in (tf.float32, tf.float64) and _compiling_for_xla_cpu())
 

@@ -224,6 +224,23 @@ class MAML(tf.Module):
     """Step sizes for inner step ``step``, aligned with the model weights."""
     return [self.inner_lr if a else None for a in self.adapted_mask]
 
+  def default_tasks_per_chunk(self, num_tasks: int) -> int:
+    """How many tasks a training meta-step differentiates at once, by
+    default (``training.chunked_gradients``; the meta-gradient is the same).
+
+    Convolutional models take one task at a time in a meta-batch of at most
+    4 (miniImageNet's), where each task already has its own convolutions:
+    XLA then compiles one task's program, not four, and needs about half the
+    memory. Larger meta-batches go in chunks of up to 8 tasks (Omniglot's 32
+    as 4 x 8: faster, and less memory, than 32 at once). The sinusoid's
+    small networks take every task at once. (Measured: README, Performance.)
+    """
+    if len(self.model.example_shape) != 3:  # not images
+      return num_tasks
+    if num_tasks <= L.MAX_PER_TASK_CONV_TASKS:
+      return 1
+    return max(c for c in range(1, 9) if num_tasks % c == 0)
+
   # -------------------------------------------------------------------- losses
   def task_loss(self, outputs: tf.Tensor, targets: tf.Tensor,
                 shots: int) -> tf.Tensor:

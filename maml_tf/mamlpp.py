@@ -391,6 +391,16 @@ class MAMLPlusPlus(MAML):
     self._scratch.pending = None
     return super().pretrain_loss(batch, step, training)
 
+  @property
+  def pending_statistics(self) -> list | None:
+    """The last meta-loss's recorded batch moments (``_objective``'s
+    statistics, means over its tasks), until ``update_state`` uses them."""
+    return self._scratch.pending
+
+  @pending_statistics.setter
+  def pending_statistics(self, value: list | None) -> None:
+    self._scratch.pending = value
+
   def update_state(self, finite=True) -> None:
     """Blends the last meta-loss's batch statistics into the per-step running
     statistics (BNRS), and adjusts the loss scale (``MAML.update_state``). The

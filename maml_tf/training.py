@@ -18,7 +18,14 @@ A *learner* provides:
   is a boolean tensor, false when the step was not finite; and
   ``phase(step: int) -> hashable``: the loop then compiles one meta-step per
   phase and calls ``meta_loss(batch, step, phase=phase(step))`` (MAML++'s
-  schedules), so the graph need not branch on the step tensor.
+  schedules), so the graph need not branch on the step tensor;
+  ``default_tasks_per_chunk(num_tasks) -> int``: how many tasks a meta-step
+  differentiates at once when ``TrainConfig.tasks_per_chunk`` is None (see
+  ``chunked_gradients``; without it, all of them); and
+  ``pending_statistics``: a settable nested structure of tensors that
+  ``meta_loss`` records for ``update_state``, each a mean over the call's
+  tasks (MAML++'s batch moments), which a chunked meta-step averages over its
+  chunks.
 
 The loop compiles ``steps_per_call`` meta-steps into one XLA call (a
 ``tf.while_loop`` with the optimiser inside), so small workloads such as the
@@ -89,6 +96,11 @@ class TrainConfig:
       (``top_checkpoints``), for HowToTrainYourMAML's test of an ensemble
       (``evaluation.evaluate_ensemble``); 0: off.
     steps_per_call: meta-steps per compiled call.
+    tasks_per_chunk: differentiate each meta-step's objective this many tasks
+      at a time, summing the chunks' gradients in a compiled loop
+      (``chunked_gradients``): the same meta-gradient, for a program that
+      holds one chunk. It must divide ``meta_batch_size``. None: the
+      learner's ``default_tasks_per_chunk``, else all tasks at once.
     jit_compile: compile with XLA.
     resume: continue from the latest checkpoint in ``run_dir``.
     seed: the run's seed (initialisation and learner randomness).
@@ -116,6 +128,7 @@ class TrainConfig:
   keep_best: str | None = None
   keep_top: int = 0
   steps_per_call: int = 1
+  tasks_per_chunk: int | None = None
   jit_compile: bool = True
   resume: bool = True
   seed: int = 0
@@ -133,6 +146,11 @@ class TrainConfig:
     if self.keep_top and not (self.keep_best and self.val_every):
       raise ValueError(f"keep_top={self.keep_top} ranks meta-validations: it "
                        "needs keep_best and val_every > 0")
+    chunk = self.tasks_per_chunk
+    if chunk is not None and (chunk < 1 or self.meta_batch_size % chunk):
+      raise ValueError(
+          f"tasks_per_chunk={chunk} must be a divisor of meta_batch_size="
+          f"{self.meta_batch_size}")
     k = self.steps_per_call
     if k < 1:
       raise ValueError(f"steps_per_call must be >= 1, got {k}")
@@ -179,6 +197,56 @@ def all_finite(loss: tf.Tensor, grads: list) -> tf.Tensor:
   checks = [tf.reduce_all(tf.math.is_finite(_flat(t)))
             for t in [loss] + list(grads)]
   return tf.reduce_all(tf.stack(checks))
+
+
+def chunked_gradients(compute: Callable, batch: TaskBatch,
+                      tasks_per_chunk: int):
+  """Averages ``compute`` over chunks of a batch's tasks, in a compiled loop.
+
+  ``compute(chunk)`` returns a nested structure of floating tensors, each a
+  mean over the chunk's tasks: the objective, its metrics and their
+  gradients. Their mean over the chunks is then the whole batch's value (in
+  exact arithmetic) whenever the objective is a mean of per-task terms that
+  do not interact, as in every MAML-family learner here (batch norm's
+  statistics are per task), plus terms that do not depend on the tasks.
+  ``compute`` is traced once, for one chunk, and runs in a ``tf.while_loop``,
+  so XLA compiles one chunk's program instead of the whole meta-batch's
+  unrolled: a shorter first call, less memory, and buffers that stay in the
+  caches (README, Performance).
+
+  Args:
+    compute: ``TaskBatch`` of ``tasks_per_chunk`` tasks -> nested tensors.
+    batch: a ``TaskBatch`` of T tasks, T static and a multiple of
+      ``tasks_per_chunk``.
+    tasks_per_chunk: C, tasks per chunk.
+
+  Returns:
+    ``compute``'s structure, averaged over the T / C chunks.
+  """
+  tasks = int(batch.support_x.shape[0])
+  if tasks % tasks_per_chunk:
+    raise ValueError(f"tasks_per_chunk={tasks_per_chunk} must divide the "
+                     f"{tasks} tasks of a meta-batch")
+  num_chunks = tasks // tasks_per_chunk
+  spec = TaskBatch(*(tf.TensorSpec([tasks_per_chunk, *t.shape[1:]], t.dtype)
+                     for t in batch))
+  # A concrete function gives the outputs' structure for the loop's initial
+  # values without tracing ``compute`` a second time.
+  fn = tf.function(compute, autograph=False).get_concrete_function(spec)
+
+  def body(i, total):
+    begin = i * tasks_per_chunk
+    chunk = TaskBatch(*(
+        tf.slice(t, [begin] + [0] * (t.shape.rank - 1),
+                 [tasks_per_chunk] + t.shape[1:].as_list()) for t in batch))
+    return i + 1, tf.nest.map_structure(tf.add, total, fn(chunk))
+
+  zeros = tf.nest.map_structure(lambda t: tf.zeros(t.shape, t.dtype),
+                                fn.structured_outputs)
+  _, total = tf.while_loop(lambda i, _: i < num_chunks, body,
+                           (tf.constant(0), zeros), parallel_iterations=1,
+                           maximum_iterations=num_chunks)
+  return tf.nest.map_structure(lambda t: t / num_chunks, total)
 
 
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
@@ -243,13 +311,51 @@ class Trainer:
   def _objective(self, pretrain: bool) -> Callable:
     return self.learner.pretrain_loss if pretrain else self.learner.meta_loss
 
-  def _single_step(self, batch: TaskBatch, step, pretrain: bool, phase=None):
+  def tasks_per_chunk(self, num_tasks: int) -> int:
+    """C: tasks a meta-step of ``num_tasks`` tasks differentiates at once
+    (``TrainConfig.tasks_per_chunk``, else the learner's default)."""
+    chunk = self.config.tasks_per_chunk
+    if chunk is None:
+      default = getattr(self.learner, "default_tasks_per_chunk", None)
+      chunk = num_tasks if default is None else default(num_tasks)
+    if num_tasks % chunk:
+      raise ValueError(f"tasks_per_chunk={chunk} must divide the {num_tasks} "
+                       "tasks of a meta-batch")
+    return chunk
+
+  def _gradients(self, batch: TaskBatch, step, pretrain: bool, phase=None):
+    """``(loss, metrics, grads)`` of the objective on ``batch``."""
     objective = self._objective(pretrain)
     with tf.GradientTape() as tape:
       loss, metrics = (objective(batch, step) if phase is None else
                        objective(batch, step, phase=phase))
     grads = tape.gradient(loss, self.variables,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return loss, metrics, grads
+
+  def _chunked_gradients(self, batch: TaskBatch, step, pretrain: bool,
+                         phase, tasks_per_chunk: int):
+    """``_gradients`` averaged over chunks of tasks (``chunked_gradients``),
+    with the learner's ``pending_statistics`` carried out of the loop."""
+    learner = self.learner
+
+    def compute(chunk):
+      loss, metrics, grads = self._gradients(chunk, step, pretrain, phase)
+      pending = getattr(learner, "pending_statistics", None) or []
+      return loss, metrics, grads, pending
+
+    loss, metrics, grads, pending = chunked_gradients(compute, batch,
+                                                      tasks_per_chunk)
+    if pending:
+      learner.pending_statistics = pending
+    return loss, metrics, grads
+
+  def _single_step(self, batch: TaskBatch, step, pretrain: bool, phase=None):
+    num_tasks = int(batch.support_x.shape[0])
+    chunk = self.tasks_per_chunk(num_tasks)
+    loss, metrics, grads = (
+        self._gradients(batch, step, pretrain, phase) if chunk == num_tasks
+        else self._chunked_gradients(batch, step, pretrain, phase, chunk))
     finite = all_finite(loss, grads)
     fallback = getattr(self.learner, "fallback_gradients", None)
 
@@ -599,8 +705,9 @@ class Trainer:
     for first in range(max(start, c.pretrain_iterations), total,
                        c.steps_per_call):
       self.phase(first, min(c.steps_per_call, total - first))
-    logging.info("Meta-training from step %d to %d (%d tasks/step, %d "
-                 "steps per call, XLA %s).", start, total, c.meta_batch_size,
+    logging.info("Meta-training from step %d to %d (%d tasks/step in "
+                 "chunks of %d, %d steps per call, XLA %s).", start, total,
+                 c.meta_batch_size, self.tasks_per_chunk(c.meta_batch_size),
                  c.steps_per_call, c.jit_compile)
     dataset = data_lib.task_dataset(train_source, c.meta_batch_size, start,
                                     total, block=c.steps_per_call)

@@ -67,6 +67,7 @@ def test_benchmark_command_writes_its_table_as_json(tmp_path):
   assert row["compile_cached_s"] > 0 and row["cache_hit"] is True
   assert row["cached_first_loss"] == row["first_loss"]
   assert row["intra_op_threads"] == 1  # as runner.py runs the sinusoid
+  assert row["tasks_per_chunk"] == 25  # all at once, as training does
   assert row["xla_flags"] == "--xla_cpu_use_fusion_emitters=true"  # as well
   assert 0 < row["gflop_per_step"] < 1 and result["peak_matmul_gflops"] > 0
   assert result["environment"]["allow_tf32"] is False
@@ -99,6 +100,9 @@ def test_report_renders_the_readme_table():
   sine = dict(row, workload="sinusoid", steps_per_call=100, intra_op_threads=1)
   assert report.markdown_table([dict(result, rows=[sine])]).splitlines()[2] \
       .startswith("| sinusoid | maml (100/call, 1 thread) | on |")
+  chunks = dict(row, meta_batch_size=32, tasks_per_chunk=8)
+  assert report.markdown_table([dict(result, rows=[chunks])]).splitlines()[2] \
+      .startswith("| omniglot | maml (chunks of 8) | on |")
 
 
 def test_console_table_notes_cache_misses_and_differing_losses():
@@ -137,6 +141,7 @@ def test_report_names_a_file_that_is_not_a_result(tmp_path):
      "--algorithms=leo: none runs on --workloads omniglot"),
     (["--omniglot_cache", "/nonexistent"],
      "--omniglot_cache=/nonexistent: not a directory"),
+    (["--tasks_per_chunk", "-1"], "--tasks_per_chunk=-1: expected a divisor"),
 ])
 def test_bad_options_are_named_before_anything_runs(tmp_path, args, message):
   """(--xla and --precisions are checked by the same loop as --algorithms.)

@@ -232,7 +232,7 @@ def test_task_conv_through_a_cond_branch_stays_canonical():
 
 def test_conv_runs_one_convolution_per_task_for_few_tasks_under_xla():
   """Conv2D's routing: per-task convolutions only when compiled by XLA for
-  the CPU, with at most ``_MAX_PER_TASK_CONV_TASKS`` tasks, stride 1 and an
+  the CPU, with at most ``MAX_PER_TASK_CONV_TASKS`` tasks, stride 1 and an
   odd kernel; im2col otherwise. Both give the same layer output."""
   rng = np.random.default_rng(11)
   conv, strided = L.Conv2D(4, 3), L.Conv2D(4, 3, stride=2)
@@ -246,8 +246,8 @@ def test_conv_runs_one_convolution_per_task_for_few_tasks_under_xla():
   def forward(layer, x, kernel, bias):
     return layer.forward([kernel, bias], x)
 
-  few = inputs(L._MAX_PER_TASK_CONV_TASKS)
-  many = inputs(L._MAX_PER_TASK_CONV_TASKS + 1)
+  few = inputs(L.MAX_PER_TASK_CONV_TASKS)
+  many = inputs(L.MAX_PER_TASK_CONV_TASKS + 1)
   with mock.patch.object(L, "_task_conv", wraps=L._task_conv) as per_task:
     eager = forward(conv, *few)
     tf.function(forward, autograph=False)(conv, *few)

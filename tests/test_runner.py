@@ -174,6 +174,8 @@ def test_test_mode_without_checkpoint_fails_clearly(tmp_path):
     ("--loss_scale=128", "applies to --precision=float16 only"),
     ("--save_interval=250", "--save_interval=250 must be a multiple of "
      "--steps_per_call=100"),
+    ("--tasks_per_chunk=4", "--tasks_per_chunk=4 must be a divisor of "
+     "--meta_batch_size=25"),
     ("--xla_cache_dir=/dev/null/xla", "--xla_cache_dir=/dev/null/xla: cannot "
      "use it as the XLA cache"),
     # These trained on a NaN rate, or stopped with a traceback.

@@ -146,7 +146,8 @@ def _run_one(spec: dict) -> dict:
       "first_loss": first_value, "peak_rss_mb": peak_rss_mb,
       "peak_gpu_mb": measure.peak_gpu_mb(),
       "input_ms_per_step": input_ms,
-      "gflop_per_step": None if flops is None else flops / 1e9,
+      # The count is the call's: k meta-steps (its loop's trip count).
+      "gflop_per_step": None if flops is None else flops / 1e9 / k,
       **settings,
   }
 

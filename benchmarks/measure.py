@@ -22,9 +22,49 @@ def _dims(text: str) -> list[int]:
   return [int(d) for d in text.split(",") if d]
 
 
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(")
+_CALLEES = re.compile(r"\b(calls|to_apply|body|true_computation|"
+                      r"false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _executions(hlo: str) -> dict[str, float]:
+  """How many times each computation of an HLO module runs per call: a
+  while loop's body runs its known trip count times (once if unknown), and
+  every other callee (fusions, calls, both branches of a conditional) once
+  per run of its caller."""
+  callers: dict[str, list[tuple[str, float]]] = {}
+  order, entry, current = [], None, None
+  for line in hlo.splitlines():
+    header = _HEADER.match(line) if line[:1] not in ("", " ", "}") else None
+    if header and line.rstrip().endswith("{"):
+      current = header.group(1)
+      order.append(current)
+      if line.startswith("ENTRY"):
+        entry = current
+      continue
+    if current is None or " = " not in line:
+      continue
+    trips = _TRIP_COUNT.search(line)
+    for kind, callee in _CALLEES.findall(line):
+      factor = float(trips.group(1)) if kind == "body" and trips else 1.0
+      callers.setdefault(callee, []).append((current, factor))
+    branches = _BRANCHES.search(line)
+    for callee in re.findall(r"%?([\w.\-]+)",
+                             branches.group(1) if branches else ""):
+      callers.setdefault(callee, []).append((current, 1.0))
+  runs = {entry: 1.0}
+  # HLO text lists callees before their callers, the entry last.
+  for name in reversed(order):
+    if name != entry:
+      runs[name] = sum(runs.get(c, 0.0) * f for c, f in callers.get(name, []))
+  return runs
+
+
 def hlo_flops(hlo: str) -> float:
   """Floating-point operations of the dots, convolutions and sums of outer
-  products in an HLO module.
+  products that one call of an HLO module runs.
 
   A dot costs ``2 * prod(output) * prod(contracted lhs dims)``; a convolution
   ``2 * prod(output) * prod(kernel) / output_features``; a sum of outer
@@ -32,23 +72,32 @@ def hlo_flops(hlo: str) -> float:
   ``maml_tf.layers.task_matmul`` computes weight gradients) ``2 *
   prod(product)``, as the dot it replaces. Other elementwise work is not
   counted (a few percent here), so this slightly undercounts. Instructions
-  inside a while-loop body are counted once.
+  in a while loop's body count as many times as the loop's known trip count
+  (the training loop's meta-steps per call, and its chunks of tasks); both
+  branches of a conditional count.
   """
-  shapes, definitions = {}, {}
+  runs = _executions(hlo)
+  shapes, definitions, where = {}, {}, {}
+  current = None
   for line in hlo.splitlines():
+    header = _HEADER.match(line) if line[:1] not in ("", " ", "}") else None
+    if header and line.rstrip().endswith("{"):
+      current = header.group(1)
+      continue
     m = _DEF.match(line)
     if m:
       shapes[m.group(1)] = _dims(m.group(2))
+      where[m.group(1)] = runs.get(current, 0.0)
       op = _OP.search(line)
       if op:
         definitions[m.group(1)] = op.groups()
   total = 0.0
-  for opcode, operand, _ in definitions.values():
+  for name, (opcode, operand, _) in definitions.items():
     product = definitions.get(operand)
     if (opcode == "reduce" and product and product[0] == "multiply" and
         all(definitions.get(f, ("",))[0] == "broadcast"
             for f in product[1:])):
-      total += 2.0 * np.prod(shapes[operand])
+      total += 2.0 * np.prod(shapes[operand]) * where[name]
   for line in hlo.splitlines():
     m, ops = _DEF.match(line), _OPERANDS.search(line)
     if not (m and ops) or ops.group(2) not in shapes:
@@ -57,14 +106,14 @@ def hlo_flops(hlo: str) -> float:
     if ops.group(1) == "dot":
       contract = _CONTRACT.search(line)
       contracted = np.prod([lhs[i] for i in _dims(contract.group(1))])
-      total += 2.0 * np.prod(out) * contracted
+      total += 2.0 * np.prod(out) * contracted * where[m.group(1)]
     else:
       kernel = shapes.get(ops.group(3))
       labels = _LABELS.search(line)
       if kernel is None or labels is None:
         continue
       total += (2.0 * np.prod(out) * np.prod(kernel) /
-                kernel[labels.group(1).index("o")])
+                kernel[labels.group(1).index("o")] * where[m.group(1)])
   return total
 
 

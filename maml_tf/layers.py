@@ -94,10 +94,11 @@ def _compiling_for_xla_cpu() -> bool:
   convolutions) were measured on XLA:CPU only; with a GPU visible,
   TensorFlow places the function there, and they are not used."""
   return (control_flow_util.GraphOrParentsInXlaContext(
-      tf.compat.v1.get_default_graph()) and not _gpu_visible())
+      tf.compat.v1.get_default_graph()) and not gpu_visible())
 
 
-def _gpu_visible() -> bool:
+def gpu_visible() -> bool:
+  """Whether TensorFlow sees a GPU (where it places compiled functions)."""
   return bool(tf.config.list_logical_devices("GPU"))
 
 

@@ -233,9 +233,10 @@ class MAML(tf.Module):
     XLA then compiles one task's program, not four, and needs about half the
     memory. Larger meta-batches go in chunks of up to 8 tasks (Omniglot's 32
     as 4 x 8: faster, and less memory, than 32 at once). The sinusoid's
-    small networks take every task at once. (Measured: README, Performance.)
+    small networks take every task at once, and so does every model when a
+    GPU is visible (measured on CPUs only: README, Performance).
     """
-    if len(self.model.example_shape) != 3:  # not images
+    if len(self.model.example_shape) != 3 or L.gpu_visible():
       return num_tasks
     if num_tasks <= L.MAX_PER_TASK_CONV_TASKS:
       return 1

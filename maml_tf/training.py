@@ -705,9 +705,10 @@ class Trainer:
     for first in range(max(start, c.pretrain_iterations), total,
                        c.steps_per_call):
       self.phase(first, min(c.steps_per_call, total - first))
-    logging.info("Meta-training from step %d to %d (%d tasks/step in "
-                 "chunks of %d, %d steps per call, XLA %s).", start, total,
-                 c.meta_batch_size, self.tasks_per_chunk(c.meta_batch_size),
+    chunk = self.tasks_per_chunk(c.meta_batch_size)
+    logging.info("Meta-training from step %d to %d (%d tasks/step%s, %d "
+                 "steps per call, XLA %s).", start, total, c.meta_batch_size,
+                 f" in chunks of {chunk}" if chunk < c.meta_batch_size else "",
                  c.steps_per_call, c.jit_compile)
     dataset = data_lib.task_dataset(train_source, c.meta_batch_size, start,
                                     total, block=c.steps_per_call)

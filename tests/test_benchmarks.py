@@ -27,6 +27,25 @@ def test_flops_are_counted_from_the_compiled_program():
   assert measure.function_flops(fn, *args) == pytest.approx(expected)
 
 
+def test_a_loop_body_counts_once_per_trip():
+  """The training loop's meta-steps per call and its chunks of tasks are
+  while loops: their bodies' FLOPs count as often as they run (a dot that
+  depends on the loop's state, so that XLA cannot hoist it)."""
+  def f(x, w):
+    return tf.while_loop(lambda i, _: i < 3,
+                         lambda i, y: (i + 1, tf.tanh(y @ w)), (0, x))[1]
+  fn = tf.function(f, jit_compile=True)
+  flops = measure.function_flops(fn, tf.ones([8, 16]), tf.ones([16, 16]))
+  assert flops == 3 * 2 * 8 * 16 * 16
+  # Nested: 2 trips of an outer loop around it.
+  nested = tf.function(
+      lambda x, w: tf.while_loop(lambda j, _: j < 2,
+                                 lambda j, y: (j + 1, f(y, w)), (0, x))[1],
+      jit_compile=True)
+  assert measure.function_flops(nested, tf.ones([8, 16]),
+                                tf.ones([16, 16])) == 2 * flops
+
+
 def test_a_sum_of_outer_products_counts_as_the_matmul_it_replaces():
   """task_matmul's weight gradients are fused sums of outer products."""
   x, d = tf.ones([3, 5, 7]), tf.ones([3, 5, 6])

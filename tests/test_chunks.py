@@ -1,5 +1,7 @@
 """A meta-step in chunks of tasks computes what one over all tasks does."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -117,14 +119,20 @@ def test_chunks_give_the_meta_steps_of_all_tasks_at_once(
 
 def test_default_chunks():
   """One task at a time for at most 4 image tasks (their own convolutions
-  anyway), chunks of up to 8 for more, all tasks for the sinusoid."""
+  anyway; not for ANIL), chunks of up to 8 for more, all tasks for the
+  sinusoid and on a GPU."""
   conv = _learner("maml")
   assert [conv.default_tasks_per_chunk(t) for t in (1, 2, 4, 5, 8, 25, 32)] == [
       1, 1, 1, 5, 8, 5, 8]
   assert L.MAX_PER_TASK_CONV_TASKS == 4
   assert _learner("anil").default_tasks_per_chunk(32) == 32  # not images
+  # ANIL's body is shared: a small meta-batch goes at once.
+  anil = ANIL(conv.model, 0.1, 1)
+  assert [anil.default_tasks_per_chunk(t) for t in (4, 32)] == [4, 8]
   mlp = MAML(models.build("mlp_sinusoid", seed=0), 0.01, 1)
   assert mlp.default_tasks_per_chunk(25) == 25
+  with mock.patch.object(L, "gpu_visible", return_value=True):
+    assert conv.default_tasks_per_chunk(32) == 32  # measured on CPUs only
 
 
 def test_a_chunk_that_does_not_divide_the_meta_batch_is_refused(tmp_path):

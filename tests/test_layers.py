@@ -76,7 +76,7 @@ def test_task_matmul_is_a_plain_matmul_without_xla():
     L.task_matmul(x, w)
     tf.function(L.task_matmul, autograph=False)(x, w)
     _xla(L.task_matmul)(tf.ones([2, 33, 4]), w)
-    with mock.patch.object(L, "_gpu_visible", return_value=True):
+    with mock.patch.object(L, "gpu_visible", return_value=True):
       _xla(L.task_matmul)(x, w)  # measured on XLA:CPU only
     assert not fused.called
     _xla(L.task_matmul)(x, w)
@@ -253,7 +253,7 @@ def test_conv_runs_one_convolution_per_task_for_few_tasks_under_xla():
     tf.function(forward, autograph=False)(conv, *few)
     _xla(forward)(conv, *many)
     _xla(forward)(strided, *few)
-    with mock.patch.object(L, "_gpu_visible", return_value=True):
+    with mock.patch.object(L, "gpu_visible", return_value=True):
       _xla(forward)(conv, *few)  # measured on XLA:CPU only
     assert not per_task.called
     compiled = _xla(forward)(conv, *few)

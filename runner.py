@@ -163,9 +163,9 @@ flags.DEFINE_integer("tasks_per_chunk", None,
                      "meta-gradients of chunks of this many tasks in a "
                      "compiled loop (the same meta-gradient, a smaller "
                      "program). Must divide --meta_batch_size. Default: 1 "
-                     "for image models with a meta-batch of at most 4, "
-                     "chunks of up to 8 tasks for larger ones, all tasks for "
-                     "the sinusoid.")
+                     "for image models with a meta-batch of at most 4 (not "
+                     "ANIL), chunks of up to 8 tasks for larger ones; all at "
+                     "once for the sinusoid and with a GPU.")
 flags.DEFINE_integer("summary_interval", 100,
                      "TensorBoard summary interval (the original: 100).")
 flags.DEFINE_integer("print_interval", -1,

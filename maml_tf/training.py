@@ -318,9 +318,6 @@ class Trainer:
     if chunk is None:
       default = getattr(self.learner, "default_tasks_per_chunk", None)
       chunk = num_tasks if default is None else default(num_tasks)
-    if num_tasks % chunk:
-      raise ValueError(f"tasks_per_chunk={chunk} must divide the {num_tasks} "
-                       "tasks of a meta-batch")
     return chunk
 
   def _gradients(self, batch: TaskBatch, step, pretrain: bool, phase=None):

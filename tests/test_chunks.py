@@ -98,9 +98,12 @@ def test_chunks_give_the_meta_steps_of_all_tasks_at_once(
     learner = trainer.learner
     block = _block(learner.model.example_shape, tasks, steps_per_call)
     fn = trainer.train_function(phase=trainer.phase(0, steps_per_call))
-    metrics = fn(block, tf.constant(0, tf.int64))
-    state = [v.numpy() for v in list(trainer.variables) + list(learner.variables) +
-             list(trainer.optimizer.variables)]
+    with mock.patch.object(training, "chunked_gradients",
+                           wraps=training.chunked_gradients) as chunked:
+      metrics = fn(block, tf.constant(0, tf.int64))
+    assert chunked.called == (chunk < tasks)
+    state = [v.numpy() for v in [*trainer.variables, *learner.variables,
+                                 *trainer.optimizer.variables]]
     results.append(({k: v.numpy() for k, v in metrics.items()}, state))
   (metrics, state), (chunked_metrics, chunked_state) = results
   assert metrics.keys() == chunked_metrics.keys()
@@ -109,8 +112,8 @@ def test_chunks_give_the_meta_steps_of_all_tasks_at_once(
                                rtol=1e-6, err_msg=name)  # float32 metrics
   assert len(state) == len(chunked_state) > 2 * len(learner.model.weights)
   for before, after in zip(state, chunked_state):
-    # atol: Adam divides the conv biases' zero gradients (batch norm
-    # follows them), float64 rounding, by their root mean square.
+    # atol: Adam divides the zero gradients of the biases that batch norm
+    # follows (float64 rounding) by their root mean square.
     np.testing.assert_allclose(after, before, rtol=1e-10, atol=1e-9)
   if kind == "mamlpp":  # the running statistics moved, as one update
     means = learner.statistics.means[0].numpy()
@@ -140,10 +143,10 @@ def test_a_chunk_that_does_not_divide_the_meta_batch_is_refused(tmp_path):
                      "of meta_batch_size=4"):
     training.TrainConfig(run_dir=str(tmp_path), num_iterations=1,
                          meta_batch_size=4, tasks_per_chunk=3)
-  trainer = _trainer(tmp_path, "anil", 4, 4)
+  batch = helpers.to_tensors(helpers.classification_batch(6, WAYS, 1, 1, (2,)))
   with pytest.raises(ValueError, match="tasks_per_chunk=4 must divide the 6 "
                      "tasks"):
-    trainer.tasks_per_chunk(6)
+    training.chunked_gradients(lambda b: b.support_x, batch, 4)
   with pytest.raises(ValueError, match="tasks_per_chunk=0"):
     training.TrainConfig(run_dir=str(tmp_path), num_iterations=1,
                          meta_batch_size=4, tasks_per_chunk=0)

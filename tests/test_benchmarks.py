@@ -46,6 +46,27 @@ def test_a_loop_body_counts_once_per_trip():
                                 tf.ones([16, 16])) == 2 * flops
 
 
+def test_chunks_of_tasks_count_as_all_tasks_at_once():
+  """The training step's chunks (``training.chunked_gradients``): XLA must
+  know their loop's trip count, or the count would be one chunk's."""
+  from maml_tf import training
+  from maml_tf.tasks import TaskBatch
+  w = tf.ones([16, 16])
+
+  def compute(batch):
+    return tf.reduce_mean(tf.tanh(tf.einsum("tbi,io->tbo", batch.support_x,
+                                            w)))
+  def chunked(tasks_per_chunk):
+    return tf.function(
+        lambda b: training.chunked_gradients(compute, b, tasks_per_chunk),
+        jit_compile=True)
+
+  x = tf.ones([4, 8, 16])
+  batch = TaskBatch(x, tf.zeros([4, 8]), x, tf.zeros([4, 8]))
+  flops = [measure.function_flops(chunked(c), batch) for c in (1, 2)]
+  assert flops == [2 * 4 * 8 * 16 * 16] * 2
+
+
 def test_a_sum_of_outer_products_counts_as_the_matmul_it_replaces():
   """task_matmul's weight gradients are fused sums of outer products."""
   x, d = tf.ones([3, 5, 7]), tf.ones([3, 5, 6])

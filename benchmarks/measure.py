@@ -29,13 +29,11 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
-def _executions(hlo: str) -> dict[str, float]:
-  """How many times each computation of an HLO module runs per call: a
-  while loop's body runs its known trip count times (once if unknown), and
-  every other callee (fusions, calls, both branches of a conditional) once
-  per run of its caller."""
-  callers: dict[str, list[tuple[str, float]]] = {}
-  order, entry, current = [], None, None
+def _instructions(hlo: str) -> tuple[list[str], str | None,
+                                      list[tuple[str, str]]]:
+  """An HLO module's computations in text order, its entry's name, and
+  ``(computation, line)`` for each line inside a computation."""
+  order, entry, current, lines = [], None, None, []
   for line in hlo.splitlines():
     header = _HEADER.match(line) if line[:1] not in ("", " ", "}") else None
     if header and line.rstrip().endswith("{"):
@@ -43,8 +41,20 @@ def _executions(hlo: str) -> dict[str, float]:
       order.append(current)
       if line.startswith("ENTRY"):
         entry = current
-      continue
-    if current is None or " = " not in line:
+    elif current is not None:
+      lines.append((current, line))
+  return order, entry, lines
+
+
+def _executions(order: list[str], entry: str | None,
+                lines: list[tuple[str, str]]) -> dict[str, float]:
+  """How many times each computation (``_instructions``) runs per call: a
+  while loop's body runs its known trip count times (once if unknown), and
+  every other callee (fusions, calls, both branches of a conditional) once
+  per run of its caller."""
+  callers: dict[str, list[tuple[str, float]]] = {}
+  for current, line in lines:
+    if " = " not in line:
       continue
     trips = _TRIP_COUNT.search(line)
     for kind, callee in _CALLEES.findall(line):
@@ -76,14 +86,10 @@ def hlo_flops(hlo: str) -> float:
   (the training loop's meta-steps per call, and its chunks of tasks); both
   branches of a conditional count.
   """
-  runs = _executions(hlo)
+  order, entry, lines = _instructions(hlo)
+  runs = _executions(order, entry, lines)
   shapes, definitions, where = {}, {}, {}
-  current = None
-  for line in hlo.splitlines():
-    header = _HEADER.match(line) if line[:1] not in ("", " ", "}") else None
-    if header and line.rstrip().endswith("{"):
-      current = header.group(1)
-      continue
+  for current, line in lines:
     m = _DEF.match(line)
     if m:
       shapes[m.group(1)] = _dims(m.group(2))
@@ -98,7 +104,7 @@ def hlo_flops(hlo: str) -> float:
         all(definitions.get(f, ("",))[0] == "broadcast"
             for f in product[1:])):
       total += 2.0 * np.prod(shapes[operand]) * where[name]
-  for line in hlo.splitlines():
+  for _, line in lines:
     m, ops = _DEF.match(line), _OPERANDS.search(line)
     if not (m and ops) or ops.group(2) not in shapes:
       continue
